@@ -1,0 +1,299 @@
+"""The ``mpvfio`` command line (console script ``mpvfio = mpvfio.cli:main``).
+
+This module owns argument parsing, the subcommand registry and the mapping
+of errors to exit status: 0 success, 1 the operation failed (any other
+:class:`~mpvfio.errors.MpvfioError`), 2 bad usage
+(:class:`~mpvfio.errors.UsageError` or an argparse error), 130 interrupted.
+
+Each subcommand is registered by an ``_add_<name>(subparsers)`` function that
+sets ``func`` to its ``_cmd_<name>(args) -> int`` handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from mpvfio import __version__
+from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.uapi import fsm
+from mpvfio.uapi.vfio import MigState
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_DEFAULT_FLAGS = "STOP_COPY,P2P,PRE_COPY"
+
+_Subparsers = argparse._SubParsersAction  # argparse has no public name for it
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="mpvfio",
+        description=(
+            "Drive VFIO devices through the live-migration state machine and "
+            "take many of them through the switchover in parallel."
+        ),
+        epilog="Run 'mpvfio COMMAND --help' for the options of one command.",
+    )
+    parser.add_argument("--version", action="version", version=__version__)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_fsm(subparsers)
+    _add_switchover(subparsers)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_machine_options(p: argparse.ArgumentParser) -> None:
+    """Options every command that builds a machine of emulated VFs takes."""
+    p.add_argument("--vfs", type=_positive_int, default=4, metavar="N",
+                   help="number of emulated VFs, each behind its own root port "
+                   "(default 4)")
+    p.add_argument("--profile", default="fixed50", metavar="P",
+                   help="device profile: instant, fixed50, cx7 or a JSON file "
+                   "(default fixed50: every arc takes 50 ms)")
+    p.add_argument("--mode", default="workers",
+                   choices=["serial", "threads", "workers"],
+                   help="serial: QEMU today; threads: the seed series; workers: "
+                   "one process per device with a P2P barrier (default)")
+    p.add_argument("--relaxed-interlock", action="store_true",
+                   help="workers mode: let non-VFIO main callbacks run before "
+                   "every device reached P2P")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="seconds a worker may take for one notification's "
+                   "transitions before it counts as hung (default 30)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the devices' latency jitter (default 0)")
+
+
+def _add_switchover(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "switchover",
+        help="run a source + target switchover on emulated VFs and time it",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Build a VM with N emulated VFs, put them in PRE_COPY (RUNNING\n"
+            "where the profile has none), drain the pre-copy data, then play\n"
+            "the source side of a switchover (vm_stop(finish-migrate): PRE_COPY\n"
+            "-> PRE_COPY_P2P -> STOP_COPY; read the STOP_COPY data; save\n"
+            "cleanup STOP_COPY -> STOP) and the target side on the same devices\n"
+            "(STOP -> RESUMING, write the bytes back, vm_start(): RESUMING ->\n"
+            "RUNNING_P2P -> RUNNING).  Every device's state checksum must come\n"
+            "back unchanged.  Reports the wall time of each phase (the stop and\n"
+            "start phases are the downtime the transitions add), the data\n"
+            "time, and each device's arcs.\n\n"
+            "Exit status: 0 ok, 1 a checksum differed, a device failed or the\n"
+            "event order was illegal, 2 bad usage."
+        ),
+        epilog=(
+            "examples:\n"
+            "  mpvfio switchover --vfs 4\n"
+            "  mpvfio switchover --vfs 16 --mode serial --profile instant\n"
+            "  mpvfio switchover --vfs 4 --profile cx7 --rounds 3 --json"
+        ),
+    )
+    _add_machine_options(p)
+    p.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
+                   help="repeat the switchover R times; medians are reported")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (for scripts)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress lines on stderr")
+    p.set_defaults(func=_cmd_switchover)
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    def say(msg: str) -> None:
+        if enabled:
+            print(f"mpvfio: {msg}", file=sys.stderr, flush=True)
+    return say
+
+
+def _cmd_switchover(args: argparse.Namespace) -> int:
+    from mpvfio.devices.profiles import get_profile
+    from mpvfio.machine import Machine
+    from mpvfio.switchover import run_switchover
+    from mpvfio.vfiomig import MigrationProps
+
+    profile = get_profile(args.profile)
+    say = _progress(not args.quiet and (args.rounds > 1 or profile.state_size > 1 << 24))
+    with Machine(args.mode, relaxed_interlock=args.relaxed_interlock,
+                 transition_timeout=args.timeout, seed=args.seed) as machine:
+        for _ in range(args.vfs):
+            machine.add_vfio_device(
+                profile=profile, props=MigrationProps(migration_events=True)
+            )
+        say(f"starting {args.vfs} VFs ({args.mode} mode, profile {profile.name})")
+        machine.start()
+        result = run_switchover(machine, rounds=args.rounds, progress=say)
+        last = machine.devices
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return EXIT_OK if result.ok else EXIT_FAILED
+    med = result.median
+    print(f"switchover: {result.vfs} VFs, profile {result.profile}, mode "
+          f"{result.mode}, {len(result.rounds)} round(s); medians in ms")
+    ideal_stop, ideal_start = med("ideal_stop_ms"), med("ideal_start_ms")
+    rows = [
+        ("stop phase (vm_stop)", med("stop_ms"), ideal_stop),
+        ("STOP_COPY data read", med("data_ms"), None),
+        ("target data load", med("load_ms"), None),
+        ("start phase (vm_start)", med("start_ms"), ideal_start),
+        ("downtime", med("downtime_ms"), None),
+        ("save cleanup (not downtime)", med("cleanup_ms"), None),
+    ]
+    for label, ms, ideal in rows:
+        extra = ""
+        if ideal:
+            extra = f"  ideal {ideal:9.1f}  x{ms / ideal:.3f}"
+        print(f"  {label:<30}{ms:9.1f}{extra}")
+    final = result.rounds[-1]
+    print("per device (last round): stop arcs | start arcs")
+    for dev in final.devices:
+        stop = ", ".join(f"{a['src']}>{a['dst']} {a['ms']:.1f}"
+                         for a in dev.arcs["stop"])
+        start = ", ".join(f"{a['src']}>{a['dst']} {a['ms']:.1f}"
+                          for a in dev.arcs["start"])
+        same = "checksum equal" if dev.checksum_equal else "CHECKSUM DIFFERS"
+        print(f"  {dev.name:<6} {stop} | {start} | {dev.final_state}, {same}")
+    order = [v for r in result.rounds for v in r.event_order]
+    print("event order: " + ("P2P-first holds" if not order else "; ".join(order)))
+    for err in result.errors:
+        print(f"device error: {err}")
+    del last
+    print("result: " + ("OK" if result.ok else "FAILED"))
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _add_fsm(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "fsm",
+        help="show the kernel's path (or EINVAL) for a migration state change",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Compute what one VFIO_DEVICE_FEATURE SET of MIG_DEVICE_STATE does\n"
+            "on a device advertising FLAGS, in state CUR, asked for NEW: the\n"
+            "arcs the driver carries out (the path, starting with CUR) or the\n"
+            "EINVAL the kernel returns.  This models vfio_mig_get_next_state()\n"
+            "with its fix: blocked arcs such as STOP_COPY -> PRE_COPY fail with\n"
+            "EINVAL (kernels v6.2 up to the fix hang instead).  No device is\n"
+            "touched.\n\n"
+            "States are uAPI names (STOP_COPY), QAPI names (stop-copy) or\n"
+            "numbers 0..7.  FLAGS are VFIO_MIGRATION_* names separated by ','\n"
+            "or '|' (STOP_COPY is mandatory) or a number such as 0x5.\n\n"
+            "Exit status: 0 success, 1 EINVAL, 2 bad usage."
+        ),
+        epilog=(
+            "examples:\n"
+            "  mpvfio fsm RUNNING STOP\n"
+            "      RUNNING -> RUNNING_P2P -> STOP (2 arcs)\n"
+            "  mpvfio fsm --flags STOP_COPY running stop-copy\n"
+            "      RUNNING -> STOP -> STOP_COPY (2 arcs, data_fd returned)\n"
+            "  mpvfio fsm --flags 0x5 STOP_COPY PRE_COPY\n"
+            "      EINVAL: STOP_COPY -> PRE_COPY is a blocked arc  (exit 1)\n"
+            "  mpvfio fsm --json PRE_COPY STOP_COPY\n"
+            "  mpvfio fsm --flags STOP_COPY,P2P --table\n"
+            "  mpvfio fsm --table --json > fsm-0x7.json"
+        ),
+    )
+    p.add_argument(
+        "--flags",
+        default=_DEFAULT_FLAGS,
+        metavar="FLAGS",
+        help=f"the device's VFIO_MIGRATION_* flags (default: {_DEFAULT_FLAGS})",
+    )
+    p.add_argument(
+        "--table",
+        action="store_true",
+        help="print the outcome of all 64 (CUR, NEW) pairs instead of one",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print JSON: {"cur", "new", "path", "error"} (a list with --table)',
+    )
+    p.add_argument("cur", nargs="?", metavar="CUR", help="the current state")
+    p.add_argument("new", nargs="?", metavar="NEW", help="the requested state")
+    p.set_defaults(func=_cmd_fsm)
+
+
+def _cmd_fsm(args: argparse.Namespace) -> int:
+    flags = fsm.parse_flags(args.flags)
+    if args.table:
+        if args.cur is not None:
+            raise UsageError("--table takes no CUR NEW")
+        rows = fsm.table(flags)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        width = max(len(s.name) for s in MigState) + 2
+        print(f"flags {fsm.flags_name(flags)} ({int(flags):#x})")
+        print(f"{'CUR':<{width}}{'NEW':<{width}}RESULT")
+        for cur in MigState:
+            for new in MigState:
+                line = fsm.explain(flags, cur, new)
+                print(f"{cur.name:<{width}}{new.name:<{width}}{line}")
+        ok = [r["path"] for r in rows if r["path"] is not None]
+        fds = sum(fsm.returns_data_fd([MigState[n] for n in p]) for p in ok)
+        print(
+            f"{len(ok)} succeed, {len(rows) - len(ok)} EINVAL, {fds} return a data_fd"
+        )
+        return EXIT_OK
+    if args.cur is None or args.new is None:
+        raise UsageError("fsm needs CUR and NEW (or --table)")
+    cur, new = fsm.parse_state(args.cur), fsm.parse_state(args.new)
+    result = fsm.row(flags, cur, new)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(fsm.explain(flags, cur, new))
+    return EXIT_OK if result["error"] is None else EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (never raises SystemExit)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help/--version (0) or an argparse error (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or EXIT_OK
+        return EXIT_USAGE
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UsageError as exc:
+        print(f"mpvfio: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MpvfioError as exc:
+        print(f"mpvfio: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("mpvfio: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
