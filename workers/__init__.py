@@ -1,1 +1,11 @@
-"""x"""
+"""Device worker processes (installed as ``mpvfio.workers``; layer 2).
+
+``device``  the child side: :func:`~mpvfio.workers.device.worker_main` opens
+            one device and serves commands (phase 1, barrier, phase 2).
+``pool``    the parent side: :class:`~mpvfio.workers.pool.WorkerHandle`
+            forks, handshakes, waits on replies and sentinels, reaps.
+
+The directory is ``workers/`` at the top of the source tree and is mapped to
+the ``mpvfio.workers`` package by ``setup.cfg`` (``package_dir``), so there is
+one import name, never a top-level ``workers`` module in site-packages.
+"""

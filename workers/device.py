@@ -1,1 +1,337 @@
-X = 1
+"""The device worker: one process per VFIO device, holding the device's fd.
+
+Layer 2 (imports mpvfio layers 0-1 only).  Data flow::
+
+    parent (handler list)                      worker (this module)
+    ─────────────────────                      ────────────────────
+    cmd pipe  ── ("transition", ...) ───────▶  phase 1: -> *_P2P
+                                               events ──▶ event pipe ──▶ parent
+                                               barrier.wait()  ◀── all P2P workers
+    barrier.wait_filled()  (P2P interlock)     phase 2: target chosen from the
+                                                        post-phase-1 state
+    join: cmd pipe ◀── ("ok", status) ──────   reply (state, errors, arcs)
+
+The worker opens its own device (the emulated model lives here; later
+backends open a vfio-user socket or a kernel fd here), so the device fd lives
+and dies with this process.  The emulated device's state bytes live in a
+shared mapping the parent created: like real hardware they survive the
+worker, so a fresh worker can reset the device without losing its state.
+
+Exit-code contract: 0 after an ``exit`` command, 3 when the parent is gone,
+4 on a bad command stream; anything else (a signal, an injected fault) is a
+crash the parent reports by name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import faulthandler
+import mmap
+import os
+import pickle
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpvfio.devices.base import ArcRecord
+from mpvfio.devices.emulated import EmulatedDevice
+from mpvfio.devices.profiles import Profile
+from mpvfio.errors import BarrierError, DeviceError, MpvfioError, TransitionError
+from mpvfio.events import Event
+from mpvfio.ipc import _posix
+from mpvfio.ipc.barrier import BarrierSpec, ProcessBarrier
+from mpvfio.uapi.vfio import MigState
+from mpvfio.vfiomig import MigrationProps, VFIOMigration
+from mpvfio.vmstate import RunState
+
+__all__ = [
+    "ARRIVED",
+    "CALLS",
+    "EXIT_BAD_COMMAND",
+    "EXIT_ORPHANED",
+    "FAULT_KINDS",
+    "FAULT_POINTS",
+    "Status",
+    "WorkerSpec",
+    "call_device",
+    "worker_main",
+]
+
+#: Internal marker on the event channel: "phase 1 done, at the barrier".
+ARRIVED = "__mpvfio_arrived__"
+EXIT_ORPHANED = 3
+EXIT_BAD_COMMAND = 4
+#: Where an injected worker fault fires during a transition command.
+FAULT_POINTS = ("before", "phase1", "barrier", "phase2", "join")
+#: What it does: SIGKILL itself, exit(7), hang, or segfault.
+FAULT_KINDS = ("kill", "exit", "hang", "segv")
+_PR_SET_PDEATHSIG = 1
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs to open its device (inherited through fork)."""
+
+    name: str
+    qom_path: str
+    profile: Profile
+    key: str
+    props: MigrationProps
+    parent_pid: int
+    seed: int = 0
+    backing: mmap.mmap | None = None
+    barrier: BarrierSpec | None = None
+    gate_name: str | None = None
+
+
+@dataclass
+class Status:
+    """What every reply carries back: the device's mirror for the parent."""
+
+    state: MigState
+    has_data_fd: bool
+    errors: list[TransitionError] = field(default_factory=list)
+    arcs: list[ArcRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class _Gate:
+    """The PF concurrency gate: a named semaphore opened (never created) here."""
+
+    def __init__(self, name: str) -> None:
+        self._sem = _posix.open_semaphore(name)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return _posix.acquire(self._sem, timeout)
+
+    def release(self) -> None:
+        _posix.release(self._sem)
+
+    def close(self) -> None:
+        _posix.close_semaphore(self._sem)
+
+
+def drain(mig: VFIOMigration, until_end: bool) -> bytes:
+    """Read the saving fd: to ENOMSG (pre-copy) or to the end (STOP_COPY)."""
+    out = bytearray()
+    while True:
+        chunk = mig.read_chunk()
+        if chunk is None:
+            if until_end:
+                raise DeviceError("ENOMSG while reading STOP_COPY data", mig.name)
+            break
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def reset_device(mig: VFIOMigration, device: EmulatedDevice) -> None:
+    """VFIO_DEVICE_RESET and the cached RUNNING (with its event, R5.1)."""
+    mig.close_data_fd()
+    device.reset()
+    mig._set_cached(MigState.RUNNING)
+
+
+#: The device operations the parent may run (in a worker or in-process).
+CALLS = (
+    "save_setup", "precopy_info", "save_complete", "save_cleanup", "load_setup",
+    "load_cleanup", "write_all", "drain", "set_state", "checksum",
+    "device_state", "data_size", "reset",
+)
+
+
+def call_device(
+    mig: VFIOMigration, device: EmulatedDevice, method: str, args: tuple[Any, ...]
+) -> Any:
+    """Run one named device operation (the same table in both places)."""
+    if method == "save_setup":
+        return mig.save_setup()
+    if method == "precopy_info":
+        return mig.precopy_info()
+    if method == "save_complete":
+        return mig.save_complete()
+    if method == "save_cleanup":
+        return mig.save_cleanup()
+    if method == "load_setup":
+        return mig.load_setup()
+    if method == "load_cleanup":
+        mig.close_data_fd()
+        return None
+    if method == "write_all":
+        return mig.write_chunk(*args)
+    if method == "drain":
+        return drain(mig, *args)
+    if method == "set_state":
+        return mig.set_state_or_reset(MigState(args[0]))
+    if method == "checksum":
+        return device.checksum()
+    if method == "device_state":
+        return device.get_state()
+    if method == "data_size":
+        return device.data_size()
+    if method == "reset":
+        return reset_device(mig, device)
+    raise MpvfioError(f"unknown device operation {method!r}; valid: {', '.join(CALLS)}")
+
+
+def _become_child(parent_pid: int) -> None:
+    """Die with the parent (PR_SET_PDEATHSIG), leave Ctrl-C to the parent."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(EXIT_ORPHANED)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    faulthandler.enable()
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, cmd: Any, ev: Any) -> None:
+        self.spec = spec
+        self.cmd = cmd
+        self.ev = ev
+        self.gate = _Gate(spec.gate_name) if spec.gate_name else None
+        self.barrier = ProcessBarrier.attach(spec.barrier) if spec.barrier else None
+        self.device = EmulatedDevice(
+            spec.name, spec.profile, key=spec.key, gate=self.gate,
+            seed=spec.seed, backing=spec.backing,
+        )
+        self.mig = VFIOMigration(
+            self.device, spec.name, spec.qom_path, emit=self.emit, props=spec.props,
+        )
+        self.fault: tuple[str, str] | None = None
+        self._errors_seen = 0
+        self._notes: list[str] = []
+
+    # ------------------------------------------------------------- channel
+    def emit(self, event: Event) -> None:
+        self.ev.send_bytes(pickle.dumps(event, _PICKLE))
+
+    def reply(self, ok: bool, value: Any, tb: str = "") -> None:
+        new_errors = self.mig.errors[self._errors_seen:]
+        self._errors_seen = len(self.mig.errors)
+        status = Status(
+            self.mig.device_state, self.mig.data_fd != -1, list(new_errors),
+            self.device.take_arcs(), self._notes,
+        )
+        self._notes = []
+        msg = ("ok", value, status) if ok else ("err", value, tb, status)
+        try:
+            data = pickle.dumps(msg, _PICKLE)
+        except Exception as exc:  # an unpicklable value must not kill us
+            data = pickle.dumps(
+                ("err", MpvfioError(f"unpicklable reply: {exc}"), "", status), _PICKLE
+            )
+        self.cmd.send_bytes(data)
+
+    # -------------------------------------------------------------- faults
+    def maybe_fault(self, point: str) -> None:
+        if self.fault is None or self.fault[0] != point:
+            return
+        kind = self.fault[1]
+        self.fault = None
+        if kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif kind == "exit":
+            os._exit(7)
+        elif kind == "segv":
+            faulthandler.disable()
+            ctypes.string_at(0)
+        elif kind == "hang":
+            time.sleep(3600)
+
+    # ------------------------------------------------------------ commands
+    def transition(self, running: bool, runstate: str, use_barrier: bool,
+                   barrier_timeout: float) -> None:
+        """Phase 1, barrier, phase 2 (or the main step alone without P2P)."""
+        rs = RunState(runstate)
+        self.maybe_fault("before")
+        if use_barrier:
+            self.mig.vmstate_change_prepare(running, rs)
+            self.maybe_fault("phase1")
+            self.emit(Event(ARRIVED, {"device": self.spec.name}))  # phase 1 done
+            self.maybe_fault("barrier")
+            assert self.barrier is not None
+            try:
+                self.barrier.wait(barrier_timeout)
+            except BarrierError as exc:
+                # The parent breaks the barrier only after it removed the
+                # failed party (killed it): going on is P2P-safe.
+                self._notes.append(f"barrier broken ({exc}); went on to phase 2")
+        self.mig.vmstate_change(running, rs)
+        self.maybe_fault("phase2")
+        self.maybe_fault("join")
+
+    def phase(self, which: str, running: bool, runstate: str) -> None:
+        """One handler step, synchronously (x-migration-parallel-states=off)."""
+        rs = RunState(runstate)
+        if which == "prepare":
+            self.mig.vmstate_change_prepare(running, rs)
+        else:
+            self.mig.vmstate_change(running, rs)
+
+    def call(self, method: str, args: tuple[Any, ...]) -> Any:
+        if method == "ping":
+            return os.getpid()
+        return call_device(self.mig, self.device, method, args)
+
+    def loop(self) -> int:
+        self.reply(True, ("ready", os.getpid(), int(self.mig.flags)))
+        while True:
+            if not self.cmd.poll(1.0):
+                if os.getppid() != self.spec.parent_pid:
+                    return EXIT_ORPHANED
+                continue
+            try:
+                msg = pickle.loads(self.cmd.recv_bytes())
+            except (EOFError, OSError):
+                return EXIT_ORPHANED
+            except Exception:
+                return EXIT_BAD_COMMAND
+            op = msg[0]
+            if op == "exit":
+                self.device.close()
+                self.reply(True, None)
+                return 0
+            try:
+                if op == "transition":
+                    self.transition(*msg[1:])
+                    value: Any = None
+                elif op == "phase":
+                    self.phase(*msg[1:])
+                    value = None
+                elif op == "fault":
+                    self.fault = (msg[1], msg[2])
+                    value = None
+                elif op == "call":
+                    value = self.call(msg[1], tuple(msg[2]))
+                else:
+                    raise MpvfioError(f"unknown worker command {op!r}")
+            except Exception as exc:
+                self.reply(False, exc, traceback.format_exc())
+            else:
+                self.reply(True, value)
+
+
+def worker_main(spec: WorkerSpec, cmd: Any, ev: Any) -> None:
+    """Entry point of a worker process (the target of the pool's Process)."""
+    _become_child(spec.parent_pid)
+    try:
+        worker = _Worker(spec, cmd, ev)
+    except Exception as exc:
+        cmd.send_bytes(pickle.dumps(("err", exc, traceback.format_exc(), None)))
+        sys.exit(EXIT_BAD_COMMAND)
+    code = worker.loop()
+    if worker.barrier is not None:
+        worker.barrier.close()
+    if worker.gate is not None:
+        worker.gate.close()
+    sys.exit(code)
