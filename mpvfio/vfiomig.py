@@ -137,7 +137,8 @@ class VFIOMigration:
         if not flags & MigFlag.STOP_COPY:
             raise DeviceError(
                 "device lacks the mandatory VFIO_MIGRATION_STOP_COPY",
-                name, _errno.EOPNOTSUPP,
+                name,
+                _errno.EOPNOTSUPP,
             )
         self.flags = MigFlag(flags)
         self.device_state = S.RUNNING  # R4.2: assumed, never set
@@ -157,10 +158,16 @@ class VFIOMigration:
     # -------------------------------------------------------------- events
     def _event(self, name: str, state: str) -> None:
         if self._emit is not None:
-            self._emit(Event(name, {
-                "device-id": self.name, "qom-path": self.qom_path,
-                "device-state": state,
-            }))
+            self._emit(
+                Event(
+                    name,
+                    {
+                        "device-id": self.name,
+                        "qom-path": self.qom_path,
+                        "device-state": state,
+                    },
+                )
+            )
 
     def _set_cached(self, state: MigState) -> None:
         self.device_state = state
@@ -177,6 +184,7 @@ class VFIOMigration:
         """
         if new == self.device_state:
             return 0
+        old = self.device_state
         if new == S.PRE_COPY_P2P and self.props.migration_events:
             self._event("VFIO_MIGRATION", "pre-copy-p2p-prepare")
         if self.props.prepare_events:
@@ -187,17 +195,26 @@ class VFIOMigration:
             return self._recover(exc, new, recover)
         except DeviceError as exc:
             return self._recover(
-                TransitionError(str(exc.args[0]), self.name, exc.errno or _errno.EIO,
-                                self.device_state.name, new.name),
-                new, recover,
+                TransitionError(
+                    str(exc.args[0]),
+                    self.name,
+                    exc.errno or _errno.EIO,
+                    self.device_state.name,
+                    new.name,
+                ),
+                new,
+                recover,
             )
         self._set_cached(new)
         if fd is not None:
             if self.data_fd != -1:
                 os.close(fd)
                 err = TransitionError(
-                    "the device returned a second data fd", self.name,
-                    _errno.EBADF, self.device_state.name, new.name,
+                    "the device returned a second data fd",
+                    self.name,
+                    _errno.EBADF,
+                    old.name,
+                    new.name,
                 )
                 self._record(err)
                 return -_errno.EBADF
@@ -217,17 +234,24 @@ class VFIOMigration:
     def _recover(self, first: TransitionError, new: MigState, recover: MigState) -> int:
         code = -(first.errno or _errno.EIO)
         if first.device != self.name:
-            first = TransitionError(str(first.args[0]), self.name, first.errno,
-                                    first.cur, first.new)
+            first = TransitionError(
+                str(first.args[0]), self.name, first.errno, first.cur, first.new
+            )
         if recover != S.ERROR:
             try:
-                self.device.set_state(recover)
+                fd = self.device.set_state(recover)
             except DeviceError as exc:
-                _log.warning("%s: recovery to %s failed too: %s", self.name,
-                             recover.name, exc)
+                _log.warning(
+                    "%s: recovery to %s failed too: %s", self.name, recover.name, exc
+                )
             else:
                 self._record(_annotate(first, new, f"recovered to {recover.name}"))
                 self._set_cached(recover)
+                if fd is not None:  # recovering opened a session: keep one fd
+                    if self.data_fd == -1:
+                        self.data_fd = fd
+                    else:
+                        os.close(fd)
                 return code
         self._reset(first, new)
         return code
@@ -238,7 +262,8 @@ class VFIOMigration:
         except DeviceError as exc:  # QEMU: hw_error(), the VM aborts
             raise DeviceError(
                 f"reset after a failed transition to {new.name} failed too: {exc}",
-                self.name, exc.errno,
+                self.name,
+                exc.errno,
             ) from exc
         self._record(_annotate(first, new, "device reset to RUNNING"))
         self._set_cached(S.RUNNING)
@@ -261,9 +286,11 @@ class VFIOMigration:
             return 0
         if self.device_state != S.RUNNING:
             err = TransitionError(
-                f"save_setup needs RUNNING or STOP, device is "
-                f"{self.device_state.name}", self.name, _errno.EINVAL,
-                self.device_state.name, "PRE_COPY",
+                f"save_setup needs RUNNING or STOP, device is {self.device_state.name}",
+                self.name,
+                _errno.EINVAL,
+                self.device_state.name,
+                "PRE_COPY",
             )
             self._record(err)
             return -_errno.EINVAL
@@ -276,8 +303,9 @@ class VFIOMigration:
     def read_chunk(self, n: int = DATA_BUFFER_SIZE) -> bytes | None:
         """One read of the saving fd: data, ``b""`` at the end, ``None`` ENOMSG."""
         if self.data_fd == -1:
-            raise DeviceError("no saving session (data_fd is -1)", self.name,
-                              _errno.EBADF)
+            raise DeviceError(
+                "no saving session (data_fd is -1)", self.name, _errno.EBADF
+            )
         return self.device.read_data(self.data_fd, n)
 
     def save_complete(self) -> int:
@@ -299,8 +327,9 @@ class VFIOMigration:
     def write_chunk(self, data: bytes | memoryview) -> int:
         """R9.2: copy stream bytes into the resuming fd."""
         if self.data_fd == -1:
-            raise DeviceError("no resuming session (data_fd is -1)", self.name,
-                              _errno.EBADF)
+            raise DeviceError(
+                "no resuming session (data_fd is -1)", self.name, _errno.EBADF
+            )
         return self.device.write_data(self.data_fd, data)
 
     def close_data_fd(self) -> None:
@@ -314,5 +343,8 @@ def _annotate(err: TransitionError, new: MigState, outcome: str) -> TransitionEr
     msg = str(err.args[0])
     return TransitionError(
         f"transition to {new.name} failed: {msg}; {outcome}",
-        err.device, err.errno, err.cur, err.new or new.name,
+        err.device,
+        err.errno,
+        err.cur,
+        err.new or new.name,
     )

@@ -7,6 +7,7 @@ behind fails, even when its own assertions passed.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -34,11 +35,26 @@ def pytest_collection_modifyitems(
             item.add_marker(skip)
 
 
+_PID = re.compile(r"mpvfio-(\d+)-")
+
+
 def _shm_entries() -> set[str]:
+    """mpvfio entries of this process, or of processes that are gone.
+
+    A live *other* process's objects (another pytest run on the machine) are
+    not ours to judge; a dead process's leftovers are (a crashed child).
+    """
     try:
-        return {n for n in os.listdir("/dev/shm") if "mpvfio" in n}
+        names = [n for n in os.listdir("/dev/shm") if "mpvfio" in n]
     except FileNotFoundError:
         return set()
+    mine = set()
+    for n in names:
+        m = _PID.search(n)
+        pid = int(m.group(1)) if m else os.getpid()
+        if pid == os.getpid() or not psutil.pid_exists(pid):
+            mine.add(n)
+    return mine
 
 
 def _children() -> list[psutil.Process]:

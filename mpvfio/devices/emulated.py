@@ -164,7 +164,9 @@ class EmulatedDevice:
             if len(backing) != profile.state_size:
                 raise DeviceError(
                     f"backing holds {len(backing)} bytes, profile says "
-                    f"{profile.state_size}", name, _errno.EINVAL,
+                    f"{profile.state_size}",
+                    name,
+                    _errno.EINVAL,
                 )
             self._state = backing
         else:
@@ -209,8 +211,10 @@ class EmulatedDevice:
         if self._save is None:
             return STREAM_HEADER.size + self._nchunks * rec + len(self._state) + end
         unsent = [c for c in range(self._nchunks) if c not in self._clean_sent]
-        return self._save.unread() + sum(rec + self._chunk_len(c) for c in unsent) + (
-            0 if self._save.ended else end
+        return (
+            self._save.unread()
+            + sum(rec + self._chunk_len(c) for c in unsent)
+            + (0 if self._save.ended else end)
         )
 
     # ---------------------------------------------------------- transitions
@@ -266,7 +270,10 @@ class EmulatedDevice:
         if gate is not None and not gate.acquire(GATE_TIMEOUT_S):
             raise TransitionError(
                 f"PF busy: no arc slot within {GATE_TIMEOUT_S:.0f} s for {key}",
-                self.name, _errno.ETIMEDOUT, src.name, dst.name,
+                self.name,
+                _errno.ETIMEDOUT,
+                src.name,
+                dst.name,
             )
         start = time.monotonic_ns()
         try:
@@ -278,14 +285,28 @@ class EmulatedDevice:
                     self._close_resume()
                     self._mig = S.ERROR
                 raise TransitionError(
-                    f"injected fault on arc {key}", self.name, fault.err,
-                    src.name, dst.name,
+                    f"injected fault on arc {key}",
+                    self.name,
+                    fault.err,
+                    src.name,
+                    dst.name,
                 )
-            fd = self._arc_work(src, dst)
+            try:
+                fd = self._arc_work(src, dst)
+            except OSError as exc:  # e.g. EMFILE from memfd_create: the SET fails
+                raise TransitionError(
+                    f"arc {key} failed: {exc}",
+                    self.name,
+                    exc.errno or _errno.EIO,
+                    src.name,
+                    dst.name,
+                ) from exc
         except TransitionError as exc:
-            self._arcs.append(ArcRecord(
-                self.name, src, dst, start, time.monotonic_ns(), False, exc.errno
-            ))
+            self._arcs.append(
+                ArcRecord(
+                    self.name, src, dst, start, time.monotonic_ns(), False, exc.errno
+                )
+            )
             raise
         finally:
             if gate is not None:
@@ -302,8 +323,11 @@ class EmulatedDevice:
         if dst == S.STOP_COPY:  # PRE_COPY(_P2P) -> STOP_COPY: same session
             self._enter_stopcopy()
             return None
-        if arc in ((S.PRE_COPY, S.RUNNING), (S.PRE_COPY_P2P, S.RUNNING_P2P),
-                   (S.STOP_COPY, S.STOP)):
+        if arc in (
+            (S.PRE_COPY, S.RUNNING),
+            (S.PRE_COPY_P2P, S.RUNNING_P2P),
+            (S.STOP_COPY, S.STOP),
+        ):
             self._close_save()
             return None
         if arc == (S.STOP, S.RESUMING):
@@ -324,9 +348,11 @@ class EmulatedDevice:
         sess = _SaveSession(user_fd, dev_fd)
         self._save = sess
         self._clean_sent.clear()
-        self._append(STREAM_HEADER.pack(
-            STREAM_MAGIC, STREAM_VERSION, 0, len(self._state), self._chunk
-        ))
+        self._append(
+            STREAM_HEADER.pack(
+                STREAM_MAGIC, STREAM_VERSION, 0, len(self._state), self._chunk
+            )
+        )
         if stopcopy:
             self._enter_stopcopy()
         else:
@@ -377,9 +403,13 @@ class EmulatedDevice:
         self._generation += 1
         for c in range((n + self._chunk - 1) // self._chunk):
             off = c * self._chunk
-            self._state[off : off + 16] = hashlib.blake2b(
+            # At most the chunk's own length: a short last chunk (or a state
+            # under 16 bytes) must not grow the state (bytearray) or raise
+            # (mmap backing).
+            k = min(16, self._chunk_len(c))
+            self._state[off : off + k] = hashlib.blake2b(
                 f"{self.key}:dirty:{self._generation}:{c}".encode(), digest_size=16
-            ).digest()
+            ).digest()[:k]
             self._clean_sent.discard(c)
             sess.pending_dirty.append(c)
             sess.dirty_left += STREAM_RECORD.size + self._chunk_len(c)
@@ -427,8 +457,12 @@ class EmulatedDevice:
             took = min(len(data), sess.init_left)
             sess.init_left -= took
             sess.dirty_left = max(0, sess.dirty_left - (len(data) - took))
-            if (sess.init_left == 0 and not sess.dirtied
-                    and self.profile.precopy_dirty and not sess.pending_initial):
+            if (
+                sess.init_left == 0
+                and not sess.dirtied
+                and self.profile.precopy_dirty
+                and not sess.pending_initial
+            ):
                 self._dirty(sess)
         self._pace(len(data))
         return data
@@ -439,7 +473,9 @@ class EmulatedDevice:
         if self._mig not in (S.PRE_COPY, S.PRE_COPY_P2P):
             raise DeviceError(
                 f"PRECOPY_INFO needs PRE_COPY or PRE_COPY_P2P, device is "
-                f"{self._mig.name}", self.name, _errno.EINVAL,
+                f"{self._mig.name}",
+                self.name,
+                _errno.EINVAL,
             )
         sess = self._session_for(fd)
         return sess.init_left, sess.dirty_left
@@ -493,8 +529,11 @@ class EmulatedDevice:
             self._close_resume()
             self._mig = S.ERROR
             raise TransitionError(
-                f"resume data rejected: {exc}", self.name, _errno.EINVAL,
-                "RESUMING", "STOP",
+                f"resume data rejected: {exc}",
+                self.name,
+                _errno.EINVAL,
+                "RESUMING",
+                "STOP",
             ) from None
         self._state[:] = state
         self._close_resume()
@@ -502,7 +541,7 @@ class EmulatedDevice:
     def _parse(self, blob: bytes) -> bytearray:
         if len(blob) < STREAM_HEADER.size:
             raise ValueError(f"short stream ({len(blob)} bytes, no header)")
-        magic, version, flags, size, chunk = STREAM_HEADER.unpack_from(blob)
+        magic, version, flags, size, _chunk = STREAM_HEADER.unpack_from(blob)
         if magic != STREAM_MAGIC:
             raise ValueError(f"bad magic {magic!r}")
         if version != STREAM_VERSION or flags:

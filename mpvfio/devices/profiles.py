@@ -51,6 +51,7 @@ KiB = 1024
 MiB = 1024 * KiB
 
 FAULT_KINDS = ("errno", "hang", "slow", "error-state")
+_DEFINED_FLAGS = int(MigFlag.STOP_COPY | MigFlag.P2P | MigFlag.PRE_COPY)
 
 
 def arc_key(src: MigState, dst: MigState) -> str:
@@ -81,10 +82,25 @@ class Fault:
             raise ProfileError(
                 f"unknown fault kind {self.kind!r}; valid: {', '.join(FAULT_KINDS)}"
             )
-        if self.ms < 0 or not math.isfinite(self.ms):
-            raise ProfileError(f"fault duration must be >= 0 ms, got {self.ms}")
-        if self.times is not None and self.times < 0:
-            raise ProfileError(f"fault 'times' must be >= 0, got {self.times}")
+        if (
+            not isinstance(self.ms, int | float)
+            or isinstance(self.ms, bool)
+            or self.ms < 0
+            or not math.isfinite(self.ms)
+        ):
+            raise ProfileError(f"fault duration 'ms' must be >= 0 ms, got {self.ms!r}")
+        if self.times is not None and (
+            not isinstance(self.times, int)
+            or isinstance(self.times, bool)
+            or self.times < 0
+        ):
+            raise ProfileError(
+                f"fault 'times' must be an integer >= 0 or null, got {self.times!r}"
+            )
+        if not isinstance(self.err, int) or isinstance(self.err, bool) or self.err < 1:
+            raise ProfileError(
+                f"fault 'errno' must be a positive errno, got {self.err!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -121,12 +137,25 @@ class Profile:
     def __post_init__(self) -> None:
         if not self.name:
             raise ProfileError("a profile needs a name")
+        if (
+            not isinstance(self.flags, int)
+            or isinstance(self.flags, bool)
+            or self.flags < 0
+            or self.flags & ~_DEFINED_FLAGS
+        ):
+            raise ProfileError(
+                f"profile {self.name!r}: flags {self.flags!r} set undefined bits "
+                f"(defined: {', '.join(MigFlag.__members__)} = {_DEFINED_FLAGS:#x})"
+            )
         if not MigFlag(self.flags) & MigFlag.STOP_COPY:
             raise ProfileError(
                 f"profile {self.name!r}: flags must include STOP_COPY (mandatory)"
             )
-        for what, ms in [("default_arc_ms", self.default_arc_ms),
-                         ("jitter_ms", self.jitter_ms), *self.arc_ms.items()]:
+        for what, ms in [
+            ("default_arc_ms", self.default_arc_ms),
+            ("jitter_ms", self.jitter_ms),
+            *self.arc_ms.items(),
+        ]:
             if not isinstance(ms, int | float) or ms < 0 or not math.isfinite(ms):
                 raise ProfileError(
                     f"profile {self.name!r}: latency {what} must be a finite "
@@ -134,18 +163,24 @@ class Profile:
                 )
         for key in [*self.arc_ms, *self.faults]:
             _check_arc_key(self.name, key)
-        for what, n in [("state_size", self.state_size),
-                        ("precopy_initial", self.precopy_initial),
-                        ("precopy_dirty", self.precopy_dirty),
-                        ("pf_concurrency", self.pf_concurrency)]:
+        for what, n in [
+            ("state_size", self.state_size),
+            ("precopy_initial", self.precopy_initial),
+            ("precopy_dirty", self.precopy_dirty),
+            ("pf_concurrency", self.pf_concurrency),
+        ]:
             if not isinstance(n, int) or isinstance(n, bool) or n < 0:
                 raise ProfileError(
-                    f"profile {self.name!r}: {what} must be an integer >= 0, "
-                    f"got {n!r}"
+                    f"profile {self.name!r}: {what} must be an integer >= 0, got {n!r}"
                 )
         if self.state_size < 1:
             raise ProfileError(f"profile {self.name!r}: state_size must be >= 1")
-        if self.bandwidth < 0 or not math.isfinite(self.bandwidth):
+        if (
+            not isinstance(self.bandwidth, int | float)
+            or isinstance(self.bandwidth, bool)
+            or self.bandwidth < 0
+            or not math.isfinite(self.bandwidth)
+        ):
             raise ProfileError(
                 f"profile {self.name!r}: bandwidth must be >= 0 bytes/s "
                 f"(0 = unlimited), got {self.bandwidth!r}"
@@ -177,8 +212,12 @@ class Profile:
             "precopy_dirty": self.precopy_dirty,
             "pf_concurrency": self.pf_concurrency,
             "faults": {
-                k: {"kind": f.kind, "errno": _errno.errorcode.get(f.err, f.err),
-                    "ms": f.ms, "times": f.times}
+                k: {
+                    "kind": f.kind,
+                    "errno": _errno.errorcode.get(f.err, f.err),
+                    "ms": f.ms,
+                    "times": f.times,
+                }
                 for k, f in self.faults.items()
             },
         }
@@ -293,7 +332,8 @@ def profile_from_dict(data: Any, source: str = "<dict>") -> Profile:
             kwargs["arc_ms"] = arcs
         else:
             kwargs[key] = value
-    kwargs.setdefault("name", Path(source).stem if source != "<dict>" else "custom")
+    if "name" not in data:  # not the base's name: a derived profile is not it
+        kwargs["name"] = Path(source).stem if source != "<dict>" else "custom"
     try:
         return Profile(**kwargs)
     except TypeError as exc:
@@ -302,6 +342,11 @@ def profile_from_dict(data: Any, source: str = "<dict>") -> Profile:
 
 def _parse_flags(value: Any, source: str) -> MigFlag:
     if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0 or value & ~_DEFINED_FLAGS:
+            raise ProfileError(
+                f"profile {source}: flags {value!r} set undefined bits "
+                f"(defined: {_DEFINED_FLAGS:#x})"
+            )
         return MigFlag(value)
     if isinstance(value, str):
         value = value.replace("|", ",").split(",")
@@ -328,19 +373,29 @@ def _parse_faults(value: Any, source: str) -> dict[str, Fault]:
             raise ProfileError(
                 f"profile {source}: fault {key!r} must be an object with 'kind'"
             )
-        err = spec.get("errno", _errno.EIO)
-        if isinstance(err, str):
-            if not hasattr(_errno, err):
-                raise ProfileError(f"profile {source}: unknown errno {err!r}")
-            err = getattr(_errno, err)
         unknown = set(spec) - {"kind", "errno", "ms", "times"}
         if unknown:
             raise ProfileError(
                 f"profile {source}: fault {key!r} has unknown field(s) "
                 f"{', '.join(sorted(unknown))}"
             )
-        faults[key] = Fault(
-            kind=spec["kind"], err=int(err), ms=float(spec.get("ms", 3_600_000.0)),
-            times=spec.get("times"),
-        )
+        err = spec.get("errno", _errno.EIO)
+        if isinstance(err, str):
+            # Only errno names (aliases such as ENOTSUP too), not other
+            # attributes of the errno module such as "errorcode".
+            value = getattr(_errno, err, None) if err.startswith("E") else None
+            if not isinstance(value, int):
+                raise ProfileError(
+                    f"profile {source}: fault {key!r}: unknown errno {err!r}"
+                )
+            err = value
+        try:
+            faults[key] = Fault(
+                kind=spec["kind"],
+                err=err,
+                ms=spec.get("ms", 3_600_000.0),
+                times=spec.get("times"),
+            )
+        except ProfileError as exc:
+            raise ProfileError(f"profile {source}: fault {key!r}: {exc}") from None
     return faults
