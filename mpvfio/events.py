@@ -98,5 +98,5 @@ class EventBus:
                 continue
             try:
                 sub.cb(event)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a subscriber never breaks the emitter
                 _log.exception("event subscriber %r failed on %s", sub.cb, event.name)

@@ -151,17 +151,35 @@ class SwitchoverResult:
             d = asdict(r)
             d["downtime_ms"] = round(r.downtime_ms, 3)
             d["checksums_equal"] = r.checksums_equal
-            for k in ("stop_ms", "data_ms", "load_ms", "start_ms", "cleanup_ms",
-                      "precopy_ms", "ideal_stop_ms", "ideal_start_ms"):
+            for k in (
+                "stop_ms",
+                "data_ms",
+                "load_ms",
+                "start_ms",
+                "cleanup_ms",
+                "precopy_ms",
+                "ideal_stop_ms",
+                "ideal_start_ms",
+            ):
                 d[k] = round(d[k], 3)
             rounds.append(d)
         return {
-            "mode": self.mode, "vfs": self.vfs, "profile": self.profile,
-            "ok": self.ok, "errors": self.errors,
+            "mode": self.mode,
+            "vfs": self.vfs,
+            "profile": self.profile,
+            "ok": self.ok,
+            "errors": self.errors,
             "median": {
                 k: round(self.median(k), 3)
-                for k in ("stop_ms", "start_ms", "data_ms", "load_ms",
-                          "downtime_ms", "ideal_stop_ms", "ideal_start_ms")
+                for k in (
+                    "stop_ms",
+                    "start_ms",
+                    "data_ms",
+                    "load_ms",
+                    "downtime_ms",
+                    "ideal_stop_ms",
+                    "ideal_start_ms",
+                )
             },
             "rounds": rounds,
         }
@@ -207,8 +225,11 @@ def run_switchover(
     errors = [str(e) for e in machine.errors]
     prof = {d.profile.name for d in machine.devices}
     return SwitchoverResult(
-        machine.mode.value, len(machine.devices), ",".join(sorted(prof)),
-        results, errors,
+        machine.mode.value,
+        len(machine.devices),
+        ",".join(sorted(prof)),
+        results,
+        errors,
     )
 
 
@@ -269,15 +290,29 @@ def _one_round(machine: Machine, index: int, say: Callable[[str], None]) -> Roun
         sub.cancel()
     dev_results = [
         DeviceResult(
-            d.name, s, a, len(p), len(x), d.state.name,
+            d.name,
+            s,
+            a,
+            len(p),
+            len(x),
+            d.state.name,
             [str(e) for e in d.errors],
             {"stop": _arcs(stop, d.name), "start": _arcs(start, d.name)},
         )
         for d, s, a, p, x in zip(devs, sums, after, precopy, data, strict=True)
     ]
     return RoundResult(
-        index, stop.ms, data_ms, load_ms, start.ms, cleanup_ms, precopy_ms,
-        stop.ideal_ms(), start.ideal_ms(), order, dev_results,
+        index,
+        stop.ms,
+        data_ms,
+        load_ms,
+        start.ms,
+        cleanup_ms,
+        precopy_ms,
+        stop.ideal_ms(),
+        start.ideal_ms(),
+        order,
+        dev_results,
     )
 
 

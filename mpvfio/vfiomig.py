@@ -19,8 +19,10 @@ for one device backend and implements, rule for rule
              VFIO_MIGRATION_PREPARE event of seed 003 before every SET.
 
 Errors follow QEMU: ``set_state`` returns 0 or a negative errno and records
-the :class:`TransitionError` in :attr:`errors`; nothing raises out of the
-handler entry points, so a failed device never stops the handler walk.
+the :class:`TransitionError` in :attr:`errors`, so a failed device never
+stops the handler walk.  The one exception is a failing reset: QEMU calls
+``hw_error()`` and the VM aborts; here a :class:`DeviceError` escapes the
+handler, which the handler list reports while the walk goes on.
 The same class runs in the parent (serial and threads modes) and inside a
 worker process (workers mode), where ``emit`` forwards events to the parent.
 """

@@ -22,8 +22,14 @@ import ast
 import sys
 from pathlib import Path
 
-LAYER_NAMES = ["constants", "devices", "workers", "orchestration", "migration",
-               "QMP/CLI"]
+LAYER_NAMES = [
+    "constants",
+    "devices",
+    "workers",
+    "orchestration",
+    "migration",
+    "QMP/CLI",
+]
 
 #: Module-name prefixes and their layer; the longest matching prefix wins.
 LAYERS: dict[str, int] = {
@@ -106,13 +112,16 @@ def check(root: Path) -> list[str]:
         mine = layer_of(module)
         rel = path.relative_to(root)
         if mine is None:
-            problems.append(f"{rel}: module {module} has no layer in "
-                            "tools/check_layers.py")
+            problems.append(
+                f"{rel}: module {module} has no layer in tools/check_layers.py"
+            )
             continue
         for line, target in imports_of(path, module):
             if target == "workers" or target.startswith("workers."):
-                problems.append(f"{rel}:{line}: import {target}: use the installed "
-                                "name mpvfio.workers")
+                problems.append(
+                    f"{rel}:{line}: import {target}: use the installed "
+                    "name mpvfio.workers"
+                )
                 continue
             if not (target == "mpvfio" or target.startswith("mpvfio.")):
                 continue

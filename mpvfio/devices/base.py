@@ -53,18 +53,23 @@ class ArcRecord:
     def to_dict(self) -> dict[str, object]:
         """JSON-able form."""
         return {
-            "device": self.device, "src": self.src.name, "dst": self.dst.name,
-            "start_ns": self.start_ns, "end_ns": self.end_ns,
-            "ms": round(self.ms, 3), "ok": self.ok, "err": self.err,
+            "device": self.device,
+            "src": self.src.name,
+            "dst": self.dst.name,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "ms": round(self.ms, 3),
+            "ok": self.ok,
+            "err": self.err,
         }
 
 
 class ArcGate(Protocol):
     """A counting gate shared by the VFs of one PF (PF concurrency limit)."""
 
-    def acquire(self, timeout: float | None = None) -> bool: ...  # noqa: D102
+    def acquire(self, timeout: float | None = None) -> bool: ...
 
-    def release(self) -> None: ...  # noqa: D102
+    def release(self) -> None: ...
 
 
 @runtime_checkable

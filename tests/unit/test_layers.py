@@ -35,11 +35,14 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_upward_import_is_reported(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "mpvfio/__init__.py": "",
-        "mpvfio/vmstate.py": "from mpvfio.machine import Machine\n",
-        "mpvfio/machine.py": "from mpvfio import vmstate\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "mpvfio/__init__.py": "",
+            "mpvfio/vmstate.py": "from mpvfio.machine import Machine\n",
+            "mpvfio/machine.py": "from mpvfio import vmstate\n",
+        },
+    )
     problems = _checker().check(root)
     assert len(problems) == 1
     assert "mpvfio/vmstate.py:1" in problems[0]
@@ -47,24 +50,30 @@ def test_upward_import_is_reported(tmp_path: Path) -> None:
 
 
 def test_lazy_and_relative_imports_count(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "mpvfio/__init__.py": "",
-        "mpvfio/devices/__init__.py": "",
-        "mpvfio/devices/emulated.py": (
-            "def f():\n    from ..switchover import run_switchover\n"
-        ),
-        "mpvfio/switchover.py": "",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "mpvfio/__init__.py": "",
+            "mpvfio/devices/__init__.py": "",
+            "mpvfio/devices/emulated.py": (
+                "def f():\n    from ..switchover import run_switchover\n"
+            ),
+            "mpvfio/switchover.py": "",
+        },
+    )
     problems = _checker().check(root)
     assert len(problems) == 1 and "mpvfio.switchover" in problems[0]
 
 
 def test_unassigned_module_and_toplevel_workers_import(tmp_path: Path) -> None:
-    root = _tree(tmp_path, {
-        "mpvfio/__init__.py": "",
-        "mpvfio/newthing.py": "",
-        "mpvfio/machine.py": "import workers.device\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "mpvfio/__init__.py": "",
+            "mpvfio/newthing.py": "",
+            "mpvfio/machine.py": "import workers.device\n",
+        },
+    )
     problems = _checker().check(root)
     assert any("newthing" in p and "no layer" in p for p in problems)
     assert any("mpvfio.workers" in p and "installed name" in p for p in problems)
