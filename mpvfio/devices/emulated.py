@@ -267,7 +267,7 @@ class EmulatedDevice:
         if fault is not None and fault.kind in ("slow", "hang"):
             delay += fault.ms
         gate = self._gate
-        if gate is not None and not gate.acquire(GATE_TIMEOUT_S):
+        if gate is not None and not gate.acquire(timeout=GATE_TIMEOUT_S):
             raise TransitionError(
                 f"PF busy: no arc slot within {GATE_TIMEOUT_S:.0f} s for {key}",
                 self.name,

@@ -329,7 +329,7 @@ class VFIOUserDevice:
                 raise self._fail(
                     what, f"no reply within {self.timeout:g} s", _errno.ETIMEDOUT
                 ) from None
-            except ConnectionClosed as exc:
+            except (ConnectionClosed, BrokenPipeError, ConnectionResetError) as exc:
                 close_fds(fds)
                 raise self._fail(
                     what,
@@ -677,14 +677,7 @@ class VFIOUserDevice:
         with self._lock:
             flags = VFIO_DEVICE_FEATURE_GET | Feature.MIG_DATA_SIZE
             if self._has_data_size is None:
-                try:
-                    self._feature(
-                        VFIO_DEVICE_FEATURE_PROBE | flags, b"", 0, "PROBE MIG_DATA_SIZE"
-                    )
-                except RemoteError:
-                    self._has_data_size = False
-                else:
-                    self._has_data_size = True
+                self._has_data_size = self.probe(Feature.MIG_DATA_SIZE)
             if not self._has_data_size:
                 raise DeviceError(
                     "the vfio-user server does not offer MIG_DATA_SIZE (it is not "
@@ -702,6 +695,17 @@ class VFIOUserDevice:
                 ) from None
             (length,) = FEATURE_MIG_DATA_SIZE.unpack_from(data)
             return int(length)
+
+    def probe(self, feature: int, ops: int = VFIO_DEVICE_FEATURE_GET) -> bool:
+        """DEVICE_FEATURE PROBE: whether ``feature`` supports ``ops`` (GET/SET)."""
+        with self._lock:
+            try:
+                self._feature(
+                    VFIO_DEVICE_FEATURE_PROBE | ops | feature, b"", 0, "PROBE"
+                )
+            except RemoteError:
+                return False
+            return True
 
     def checksum(self) -> str:
         """SHA-256 (hex) of the server-side device state: mpvfio's test hook."""

@@ -232,9 +232,9 @@ class _Endpoint:
         assert listener is not None
         while not self.stop.is_set():
             ready, _, _ = select.select([conn, listener], [], [], POLL_S)
-            if listener in ready:
-                self._turn_away(listener)
             if conn not in ready:
+                if listener in ready:  # our client is still here: busy
+                    self._turn_away(listener)
                 continue
             fds: list[int] = []
             try:
