@@ -47,7 +47,33 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_fsm(subparsers)
     _add_switchover(subparsers)
+    _add_bench(subparsers)
     return parser
+
+
+def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
+    from mpvfio.bench import add_bench_arguments, run_bench_cli
+
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks (switchover: serial vs threads vs workers)",
+        description="Benchmarks that print ratios measured in one run.",
+    )
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    s = sub.add_parser(
+        "switchover",
+        help="stop+start phase times per mode, rounds interleaved",
+        description=(
+            "Run serial, threads and workers mode side by side on the same "
+            "VF counts and profiles, rounds interleaved to cancel machine "
+            "noise, and report per mode the median and p90 stop-phase and "
+            "start-phase wall times, the ideal (the slowest device's own "
+            "arcs), downtime/ideal and serial/mode, plus the project's "
+            "targets evaluated on this run."
+        ),
+    )
+    add_bench_arguments(s)
+    s.set_defaults(func=run_bench_cli)
 
 
 def _positive_int(text: str) -> int:
