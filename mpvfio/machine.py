@@ -31,11 +31,13 @@ the mode:
              callbacks may then run while devices are still entering P2P.
 
 A device with ``x-migration-parallel-states`` off (``MigrationProps``) keeps
-the serial registration in any mode.  Failures follow QEMU (O6): a failed
-transition resets the device, the walk goes on, the error is recorded on the
-device and in :attr:`Machine.errors`.  A worker that dies or hangs breaks the
-barrier for the others, is reported by name with its exit code or signal, and
-its device is recovered by a fresh worker (reset to RUNNING).
+the serial registration in any mode (in workers mode a P2P one is still a
+barrier party, so no parallel device leaves P2P before it entered P2P).
+Failures follow QEMU (O6): a failed transition resets the device, the walk
+goes on, the error is recorded on the device and in :attr:`Machine.errors`.
+A worker that dies or hangs breaks the barrier for the others, is reported by
+name with its exit code or signal, and its device is recovered by a fresh
+worker (reset to RUNNING).
 """
 
 from __future__ import annotations
@@ -229,6 +231,34 @@ class VFIODevice:
         return str(self.call("checksum"))
 
 
+class _ThreadGate:
+    """A PF gate of in-process devices (the ``ArcGate`` protocol).
+
+    ``threading.BoundedSemaphore.acquire(t)`` would take ``t`` as its
+    ``blocking`` flag and wait forever; the device passes a timeout.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self._sem = threading.BoundedSemaphore(slots)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return self._sem.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._sem.release()
+
+
+def _no_result(
+    fn: Callable[[bool, RunState], int],
+) -> Callable[[bool, RunState], None]:
+    """A VFIO handler as QEMU registers it: a ``cb``, not a ``cb_ret`` (R2.5)."""
+
+    def cb(running: bool, state: RunState) -> None:
+        fn(running, state)
+
+    return cb
+
+
 class _Round:
     """One notification in workers mode: who was dispatched, the barrier."""
 
@@ -240,6 +270,7 @@ class _Round:
         self.dispatched: set[str] = set()
         self.arrived: set[str] = set()
         self.failed: dict[str, MpvfioError] = {}
+        self.events: list[Event] = []  # collected while the barrier fills
         self.filled = False
         self.barrier_ready = False
 
@@ -373,18 +404,20 @@ class Machine:
             self.vm.runstate_set(runstate)
 
     def _start_local(self) -> None:
-        gates: dict[str, threading.BoundedSemaphore] = {}
+        gates: dict[str, _ThreadGate] = {}
         for d in self.devices:
             gate = None
             if d.profile.pf_concurrency:
-                gate = gates.setdefault(
-                    d.pf, threading.BoundedSemaphore(d.profile.pf_concurrency)
-                )
+                gate = gates.setdefault(d.pf, _ThreadGate(d.profile.pf_concurrency))
             d.device = EmulatedDevice(
                 d.name, d.profile, key=d.key, gate=gate, seed=self.seed
             )
             d.mig = VFIOMigration(
-                d.device, d.name, d.qom_path, emit=self.events.emit, props=d.props,
+                d.device,
+                d.name,
+                d.qom_path,
+                emit=self.events.emit,
+                props=d.props,
                 on_error=d._error,
             )
 
@@ -392,7 +425,8 @@ class Machine:
         sweep_stale()
         check_limits(len(self.devices), sems_per_worker=1, fds_per_worker=4)
         self.registry = NameRegistry()
-        n_p2p = sum(1 for d in self.devices if d.has_p2p and d.parallel)
+        # Serial (parallel-states off) P2P devices are parties too (_sync_phase).
+        n_p2p = sum(1 for d in self.devices if d.has_p2p)
         self.barrier = ProcessBarrier.create(
             self.registry.prefix, self.registry, max(1, n_p2p)
         )
@@ -410,14 +444,22 @@ class Machine:
         start_workers([d.worker for d in self.devices if d.worker is not None])
 
     def _spec(self, d: VFIODevice) -> WorkerSpec:
-        assert self.barrier is not None and self.registry is not None
+        assert self.barrier is not None
+        assert self.registry is not None
         gate = None
         if d.pf in self._gates:
             gate = self.registry.name(f"pf-{d.pf}")
         return WorkerSpec(
-            name=d.name, qom_path=d.qom_path, profile=d.profile, key=d.key,
-            props=d.props, parent_pid=_getpid(), seed=self.seed,
-            backing=d.backing, barrier=self.barrier.spec, gate_name=gate,
+            name=d.name,
+            qom_path=d.qom_path,
+            profile=d.profile,
+            key=d.key,
+            props=d.props,
+            parent_pid=_getpid(),
+            seed=self.seed,
+            backing=d.backing,
+            barrier=self.barrier.spec,
+            gate_name=gate,
         )
 
     # ------------------------------------------------------ registration
@@ -426,20 +468,31 @@ class Machine:
         if not d.parallel:
             if d.mig is not None:
                 mig = d.mig
-                d.entries.append(add(
-                    d.qdev, cb=mig.vmstate_change,
-                    prepare_cb=mig.vmstate_change_prepare if d.has_p2p else None,
-                    name=f"{d.name}:vfio",
-                ))
+                d.entries.append(
+                    add(
+                        d.qdev,
+                        cb=_no_result(mig.vmstate_change),
+                        prepare_cb=(
+                            _no_result(mig.vmstate_change_prepare)
+                            if d.has_p2p
+                            else None
+                        ),
+                        name=f"{d.name}:vfio",
+                    )
+                )
             else:
+
                 def sync(which: str) -> Callable[[bool, RunState], None]:
                     return lambda r, s: self._sync_phase(d, which, r, s)
 
-                d.entries.append(add(
-                    d.qdev, cb=sync("main"),
-                    prepare_cb=sync("prepare") if d.has_p2p else None,
-                    name=f"{d.name}:vfio",
-                ))
+                d.entries.append(
+                    add(
+                        d.qdev,
+                        cb=sync("main"),
+                        prepare_cb=sync("prepare") if d.has_p2p else None,
+                        name=f"{d.name}:vfio",
+                    )
+                )
             return
         # The seed's first/second indirection: at every depth the adj -1
         # entry runs first on start and last on stop, so each entry checks
@@ -455,9 +508,11 @@ class Machine:
         if not d.has_p2p:
             pfirst = psecond = None
 
-        def lower(stage_first: Callable[..., None] | None,
-                  stage_second: Callable[..., None] | None,
-                  prepare: bool) -> Callable[[bool, RunState], None] | None:
+        def lower(
+            stage_first: Callable[..., None] | None,
+            stage_second: Callable[..., None] | None,
+            prepare: bool,
+        ) -> Callable[[bool, RunState], None] | None:
             if stage_first is None and stage_second is None:
                 return None
 
@@ -465,11 +520,14 @@ class Machine:
                 fn = stage_first if running else stage_second
                 if fn is not None:
                     fn(d, prepare, running, state)
+
             return cb
 
-        def higher(stage_first: Callable[..., None] | None,
-                   stage_second: Callable[..., None] | None,
-                   prepare: bool) -> Callable[[bool, RunState], None] | None:
+        def higher(
+            stage_first: Callable[..., None] | None,
+            stage_second: Callable[..., None] | None,
+            prepare: bool,
+        ) -> Callable[[bool, RunState], None] | None:
             if stage_first is None and stage_second is None:
                 return None
 
@@ -477,35 +535,48 @@ class Machine:
                 fn = stage_second if running else stage_first
                 if fn is not None:
                     fn(d, prepare, running, state)
+
             return cb
 
-        d.entries.append(add(
-            d.qdev, cb=lower(first, second, False),
-            prepare_cb=lower(pfirst, psecond, True), adj=-1,
-            name=f"{d.name}:vfio-lower",
-        ))
-        d.entries.append(add(
-            d.qdev, cb=higher(first, second, False),
-            prepare_cb=higher(pfirst, psecond, True), adj=1,
-            name=f"{d.name}:vfio-higher",
-        ))
+        d.entries.append(
+            add(
+                d.qdev,
+                cb=lower(first, second, False),
+                prepare_cb=lower(pfirst, psecond, True),
+                adj=-1,
+                name=f"{d.name}:vfio-lower",
+            )
+        )
+        d.entries.append(
+            add(
+                d.qdev,
+                cb=higher(first, second, False),
+                prepare_cb=higher(pfirst, psecond, True),
+                adj=1,
+                name=f"{d.name}:vfio-higher",
+            )
+        )
 
     # ------------------------------------------------------- threads mode
-    def _thread_first(self, d: VFIODevice, prepare: bool, running: bool,
-                      state: RunState) -> None:
+    def _thread_first(
+        self, d: VFIODevice, prepare: bool, running: bool, state: RunState
+    ) -> None:
         mig = d.mig
         assert mig is not None
         fn = mig.vmstate_change_prepare if prepare else mig.vmstate_change
         if d._thread is not None:
             raise WorkerError("a transition thread is still running", d.name)
         d._thread = threading.Thread(
-            target=fn, args=(running, state), daemon=True,
+            target=fn,
+            args=(running, state),
+            daemon=True,
             name=f"vfio-{'prepare' if prepare else 'change'}-{d.name}",
         )
         d._thread.start()
 
-    def _thread_second(self, d: VFIODevice, prepare: bool, running: bool,
-                       state: RunState) -> None:
+    def _thread_second(
+        self, d: VFIODevice, prepare: bool, running: bool, state: RunState
+    ) -> None:
         t, d._thread = d._thread, None
         if t is None:
             return
@@ -520,8 +591,9 @@ class Machine:
         d._collect_local()
 
     # ------------------------------------------------------- workers mode
-    def _worker_dispatch(self, d: VFIODevice, prepare: bool, running: bool,
-                         state: RunState) -> None:
+    def _worker_dispatch(
+        self, d: VFIODevice, prepare: bool, running: bool, state: RunState
+    ) -> None:
         """First-stage prepare entry: start phase 1 + barrier + phase 2."""
         rnd = self._round
         if rnd is None:
@@ -530,17 +602,20 @@ class Machine:
             self._arm_barrier(rnd)
         self._dispatch(d, rnd, use_barrier=True)
 
-    def _worker_main_first(self, d: VFIODevice, prepare: bool, running: bool,
-                           state: RunState) -> None:
+    def _worker_main_first(
+        self, d: VFIODevice, prepare: bool, running: bool, state: RunState
+    ) -> None:
         """First-stage main entry: only devices without P2P dispatch here."""
         rnd = self._round
         if rnd is None:
             raise StateError("dispatch outside a notification")
         if not d.has_p2p:
+            self._revive(d)
             self._dispatch(d, rnd, use_barrier=False)
 
-    def _worker_main_second(self, d: VFIODevice, prepare: bool, running: bool,
-                            state: RunState) -> None:
+    def _worker_main_second(
+        self, d: VFIODevice, prepare: bool, running: bool, state: RunState
+    ) -> None:
         """Second-stage main entry: join the device's worker."""
         rnd = self._round
         if rnd is None:
@@ -550,28 +625,44 @@ class Machine:
         self._join(d, rnd)
 
     def _arm_barrier(self, rnd: _Round) -> None:
-        """Parties = exactly the P2P devices this notification dispatches."""
+        """Parties = exactly the P2P devices this notification dispatches.
+
+        A P2P device with parallel states off is a party too: its worker
+        arrives after its synchronous prepare step, so no parallel worker
+        starts phase 2 while it is still entering P2P (O1).
+        """
         rnd.barrier_ready = True
         rnd.parties = [
-            d for d in self.devices
-            if d.parallel and d.has_p2p and any(not e.removed for e in d.entries)
+            d
+            for d in self.devices
+            if d.has_p2p and any(not e.removed for e in d.entries)
         ]
-        for d in rnd.parties:  # a worker that died since: a fresh one first
-            if d.worker is not None and not d.worker.alive():
-                err = WorkerCrashed("worker found dead before dispatch", d.name,
-                                    d.worker.exitcode)
-                d._error(err)
-                self._recover(d, err)
+        for d in rnd.parties:
+            self._revive(d)
         assert self.barrier is not None
         self.barrier.reset(max(1, len(rnd.parties)))
+
+    def _revive(self, d: VFIODevice) -> None:
+        """A worker that died since its last command: report it, a fresh one."""
+        if d.worker is not None and not d.worker.alive():
+            err = WorkerCrashed(
+                "worker found dead before dispatch", d.name, d.worker.exitcode
+            )
+            d._error(err)
+            self._recover(d, err)
 
     def _dispatch(self, d: VFIODevice, rnd: _Round, use_barrier: bool) -> None:
         w = d.worker
         assert w is not None
         timeout = self.transition_timeout
         try:
-            w.send("transition", rnd.running, str(rnd.state), use_barrier,
-                   timeout * 2 + 5.0)
+            w.send(
+                "transition",
+                rnd.running,
+                str(rnd.state),
+                use_barrier,
+                timeout * 2 + 5.0,
+            )
         except WorkerError as exc:
             rnd.failed[d.name] = exc
             d._error(exc)
@@ -597,16 +688,30 @@ class Machine:
             except BarrierError:
                 broken = True
                 break
-            self._note_arrivals(rnd)
-            dead = [d for d in rnd.parties
-                    if d.worker is not None and not d.worker.alive()
-                    and d.name not in rnd.failed]
+            self._collect(rnd)
+            dead = [
+                d
+                for d in rnd.parties
+                if d.worker is not None
+                and not d.worker.alive()
+                and d.name not in rnd.failed
+            ]
+            # a party that failed before it could arrive (dispatch or its
+            # synchronous prepare step failed) will never arrive
+            lost = [
+                d
+                for d in rnd.parties
+                if d.name in rnd.failed and d.name not in rnd.arrived
+            ]
             late = time.monotonic() > rnd.deadline
-            if dead or late:
-                self._note_arrivals(rnd)
+            if dead or late or lost:
+                self._collect(rnd)
                 culprits = dead + [
-                    d for d in rnd.parties
-                    if late and d.name not in rnd.arrived and d not in dead
+                    d
+                    for d in rnd.parties
+                    if late
+                    and d.name not in rnd.arrived
+                    and d not in dead
                     and d.name not in rnd.failed
                 ]
                 for d in culprits:
@@ -616,10 +721,9 @@ class Machine:
                 break
         if broken:
             _log.warning("P2P barrier broken; failed: %s", ", ".join(rnd.failed))
-        self._deliver_all(rnd)
-
-    def _note_arrivals(self, rnd: _Round) -> None:
-        self._deliver_all(rnd)
+        self._collect(rnd)
+        batch, rnd.events = rnd.events, []
+        self._deliver(batch)
 
     def _fail_in_round(self, d: VFIODevice, rnd: _Round) -> None:
         w = d.worker
@@ -628,12 +732,12 @@ class Machine:
             w.kill()
             err: MpvfioError = WorkerTimeout(
                 f"worker did not finish phase 1 within {self.transition_timeout} s; "
-                "killed", d.name,
+                "killed",
+                d.name,
             )
         else:
             w.proc.join(1.0)
-            err = WorkerCrashed("worker died during the transition", d.name,
-                                w.exitcode)
+            err = WorkerCrashed("worker died during the transition", d.name, w.exitcode)
         rnd.failed[d.name] = err
         d._error(err)
 
@@ -658,20 +762,55 @@ class Machine:
         if failed is not None:
             self._recover(d, failed)
 
-    def _sync_phase(self, d: VFIODevice, which: str, running: bool,
-                    state: RunState) -> None:
-        """Workers mode, parallel states off: one step, synchronously."""
+    def _sync_phase(
+        self, d: VFIODevice, which: str, running: bool, state: RunState
+    ) -> None:
+        """Workers mode, parallel states off: one step, synchronously.
+
+        A P2P device is a barrier party (:meth:`_arm_barrier`): after its
+        prepare step the worker replies, then waits at the barrier; its main
+        step first waits for the barrier to fill (as a join does).
+        """
+        rnd = self._round
+        if rnd is not None and d.has_p2p:
+            if which == "prepare":
+                if not rnd.barrier_ready:
+                    self._arm_barrier(rnd)
+            else:
+                if rnd.barrier_ready and not rnd.filled:
+                    self._fill(rnd)
+                failed = rnd.failed.get(d.name)
+                if failed is not None:  # its round failed: no main step
+                    w = d.worker
+                    if w is not None and not w.alive():  # killed by _fill
+                        self._deliver(w.drain_events())
+                        self._recover(d, failed)
+                    return  # (else: recovered when its prepare step failed)
+        self._revive(d)
         w = d.worker
         assert w is not None
+        at_barrier = rnd is not None and d.has_p2p and which == "prepare"
         try:
-            w.send("phase", which, running, str(state))
+            w.send(
+                "phase",
+                which,
+                running,
+                str(state),
+                at_barrier,
+                self.transition_timeout * 2 + 5.0,
+            )
             _, status = w.wait_reply(time.monotonic() + self.transition_timeout)
             d._apply(status)
         except (WorkerCrashed, WorkerTimeout) as exc:
             d._error(exc)
+            if rnd is not None and at_barrier:
+                rnd.failed[d.name] = exc  # it never arrives: _fill breaks
             self._deliver(w.drain_events())
             self._recover(d, exc)
             return
+        except MpvfioError as exc:  # the worker's own error, reported
+            d._apply(getattr(exc, "status", None))
+            d._error(exc)
         self._deliver(w.drain_events())
 
     def _recover(self, d: VFIODevice, cause: MpvfioError) -> None:
@@ -706,8 +845,13 @@ class Machine:
                 continue
             self.events.emit(ev)
 
-    def _deliver_all(self, rnd: _Round) -> None:
-        batch: list[Event] = []
+    def _collect(self, rnd: _Round) -> None:
+        """Note the arrivals; keep the events until the barrier filled.
+
+        Delivering them batch by batch while it fills could put a fast
+        party's phase-2 event before a slow party's phase-1 event (drained
+        from its pipe just before it arrived): one sorted batch cannot.
+        """
         for d in rnd.parties:
             if d.worker is None:
                 continue
@@ -715,8 +859,7 @@ class Machine:
                 if ev.name == ARRIVED:
                     rnd.arrived.add(d.name)
                 else:
-                    batch.append(ev)
-        self._deliver(batch)
+                    rnd.events.append(ev)
 
     # ------------------------------------------------------ stop / start
     def vm_stop(self, state: RunState | str = RunState.FINISH_MIGRATE) -> int:
@@ -743,7 +886,11 @@ class Machine:
         for d in self.devices:
             d._collect_local()
         report = NotifyReport(
-            running, state, start, end, {d.name: list(d.arcs) for d in self.devices},
+            running,
+            state,
+            start,
+            end,
+            {d.name: list(d.arcs) for d in self.devices},
             self.errors[n_errors:],
         )
         self.reports.append(report)
@@ -807,8 +954,9 @@ class Machine:
         self.close()
 
     @contextmanager
-    def subscribed(self, cb: Callable[[Event], None],
-                   names: list[str] | None = None) -> Iterator[None]:
+    def subscribed(
+        self, cb: Callable[[Event], None], names: list[str] | None = None
+    ) -> Iterator[None]:
         """Subscribe ``cb`` to the machine's events for a ``with`` block."""
         sub = self.events.subscribe(cb, names)
         try:

@@ -64,7 +64,7 @@ __all__ = [
 ARRIVED = "__mpvfio_arrived__"
 EXIT_ORPHANED = 3
 EXIT_BAD_COMMAND = 4
-#: Where an injected worker fault fires during a transition command.
+#: Where an injected worker fault fires during a transition (or phase) command.
 FAULT_POINTS = ("before", "phase1", "barrier", "phase2", "join")
 #: What it does: SIGKILL itself, exit(7), hang, or segfault.
 FAULT_KINDS = ("kill", "exit", "hang", "segv")
@@ -139,9 +139,19 @@ def reset_device(mig: VFIOMigration, device: EmulatedDevice) -> None:
 
 #: The device operations the parent may run (in a worker or in-process).
 CALLS = (
-    "save_setup", "precopy_info", "save_complete", "save_cleanup", "load_setup",
-    "load_cleanup", "write_all", "drain", "set_state", "checksum",
-    "device_state", "data_size", "reset",
+    "save_setup",
+    "precopy_info",
+    "save_complete",
+    "save_cleanup",
+    "load_setup",
+    "load_cleanup",
+    "write_all",
+    "drain",
+    "set_state",
+    "checksum",
+    "device_state",
+    "data_size",
+    "reset",
 )
 
 
@@ -201,13 +211,22 @@ class _Worker:
         self.gate = _Gate(spec.gate_name) if spec.gate_name else None
         self.barrier = ProcessBarrier.attach(spec.barrier) if spec.barrier else None
         self.device = EmulatedDevice(
-            spec.name, spec.profile, key=spec.key, gate=self.gate,
-            seed=spec.seed, backing=spec.backing,
+            spec.name,
+            spec.profile,
+            key=spec.key,
+            gate=self.gate,
+            seed=spec.seed,
+            backing=spec.backing,
         )
         self.mig = VFIOMigration(
-            self.device, spec.name, spec.qom_path, emit=self.emit, props=spec.props,
+            self.device,
+            spec.name,
+            spec.qom_path,
+            emit=self.emit,
+            props=spec.props,
         )
         self.fault: tuple[str, str] | None = None
+        self._after_reply: float | None = None  # barrier timeout (phase)
         self._errors_seen = 0
         self._notes: list[str] = []
 
@@ -216,17 +235,20 @@ class _Worker:
         self.ev.send_bytes(pickle.dumps(event, _PICKLE))
 
     def reply(self, ok: bool, value: Any, tb: str = "") -> None:
-        new_errors = self.mig.errors[self._errors_seen:]
+        new_errors = self.mig.errors[self._errors_seen :]
         self._errors_seen = len(self.mig.errors)
         status = Status(
-            self.mig.device_state, self.mig.data_fd != -1, list(new_errors),
-            self.device.take_arcs(), self._notes,
+            self.mig.device_state,
+            self.mig.data_fd != -1,
+            list(new_errors),
+            self.device.take_arcs(),
+            self._notes,
         )
         self._notes = []
         msg = ("ok", value, status) if ok else ("err", value, tb, status)
         try:
             data = pickle.dumps(msg, _PICKLE)
-        except Exception as exc:  # an unpicklable value must not kill us
+        except Exception as exc:  # noqa: BLE001 - an unpicklable value must not kill us
             data = pickle.dumps(
                 ("err", MpvfioError(f"unpicklable reply: {exc}"), "", status), _PICKLE
             )
@@ -249,34 +271,62 @@ class _Worker:
             time.sleep(3600)
 
     # ------------------------------------------------------------ commands
-    def transition(self, running: bool, runstate: str, use_barrier: bool,
-                   barrier_timeout: float) -> None:
+    def transition(
+        self, running: bool, runstate: str, use_barrier: bool, barrier_timeout: float
+    ) -> None:
         """Phase 1, barrier, phase 2 (or the main step alone without P2P)."""
         rs = RunState(runstate)
         self.maybe_fault("before")
         if use_barrier:
-            self.mig.vmstate_change_prepare(running, rs)
-            self.maybe_fault("phase1")
-            self.emit(Event(ARRIVED, {"device": self.spec.name}))  # phase 1 done
-            self.maybe_fault("barrier")
-            assert self.barrier is not None
             try:
-                self.barrier.wait(barrier_timeout)
-            except BarrierError as exc:
-                # The parent breaks the barrier only after it removed the
-                # failed party (killed it): going on is P2P-safe.
-                self._notes.append(f"barrier broken ({exc}); went on to phase 2")
+                self.mig.vmstate_change_prepare(running, rs)
+            except BaseException:
+                # (a failed reset) still arrive: the others must not wait for us
+                self._arrive(barrier_timeout)
+                raise
+            self.maybe_fault("phase1")
+            self._arrive(barrier_timeout)
         self.mig.vmstate_change(running, rs)
         self.maybe_fault("phase2")
         self.maybe_fault("join")
 
-    def phase(self, which: str, running: bool, runstate: str) -> None:
-        """One handler step, synchronously (x-migration-parallel-states=off)."""
+    def _arrive(self, barrier_timeout: float) -> None:
+        """Phase 1 is done: tell the parent, wait for the other parties."""
+        self.emit(Event(ARRIVED, {"device": self.spec.name}))
+        self.maybe_fault("barrier")
+        assert self.barrier is not None
+        try:
+            self.barrier.wait(barrier_timeout)
+        except BarrierError as exc:
+            # The parent breaks the barrier only after it removed the
+            # failed party (killed it): going on is P2P-safe.
+            self._notes.append(f"barrier broken ({exc}); went on to phase 2")
+
+    def phase(
+        self,
+        which: str,
+        running: bool,
+        runstate: str,
+        use_barrier: bool = False,
+        barrier_timeout: float = 0.0,
+    ) -> None:
+        """One handler step, synchronously (x-migration-parallel-states=off).
+
+        With ``use_barrier`` (a P2P device's prepare step) the worker arrives
+        at the barrier right after its reply, so the parent's walk goes on
+        while the parallel workers wait for this device to be in P2P.
+        """
         rs = RunState(runstate)
         if which == "prepare":
+            self.maybe_fault("before")
+            if use_barrier:
+                self._after_reply = barrier_timeout
             self.mig.vmstate_change_prepare(running, rs)
+            self.maybe_fault("phase1")
         else:
             self.mig.vmstate_change(running, rs)
+            self.maybe_fault("phase2")
+            self.maybe_fault("join")
 
     def call(self, method: str, args: tuple[Any, ...]) -> Any:
         if method == "ping":
@@ -294,7 +344,7 @@ class _Worker:
                 msg = pickle.loads(self.cmd.recv_bytes())
             except (EOFError, OSError):
                 return EXIT_ORPHANED
-            except Exception:
+            except Exception:  # noqa: BLE001 - any undecodable command
                 return EXIT_BAD_COMMAND
             op = msg[0]
             if op == "exit":
@@ -315,10 +365,13 @@ class _Worker:
                     value = self.call(msg[1], tuple(msg[2]))
                 else:
                     raise MpvfioError(f"unknown worker command {op!r}")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - sent back to the parent
                 self.reply(False, exc, traceback.format_exc())
             else:
                 self.reply(True, value)
+            if self._after_reply is not None:
+                timeout, self._after_reply = self._after_reply, None
+                self._arrive(timeout)
 
 
 def worker_main(spec: WorkerSpec, cmd: Any, ev: Any) -> None:
@@ -326,7 +379,7 @@ def worker_main(spec: WorkerSpec, cmd: Any, ev: Any) -> None:
     _become_child(spec.parent_pid)
     try:
         worker = _Worker(spec, cmd, ev)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - sent back to the parent
         cmd.send_bytes(pickle.dumps(("err", exc, traceback.format_exc(), None)))
         sys.exit(EXIT_BAD_COMMAND)
     code = worker.loop()

@@ -72,8 +72,10 @@ class WorkerHandle:
         parent_cmd, child_cmd = self._ctx.Pipe(duplex=True)
         ev_read, ev_write = self._ctx.Pipe(duplex=False)
         proc = self._ctx.Process(
-            target=worker_main, args=(self.spec, child_cmd, ev_write),
-            name=f"mpvfio-worker-{self.name}", daemon=True,
+            target=worker_main,
+            args=(self.spec, child_cmd, ev_write),
+            name=f"mpvfio-worker-{self.name}",
+            daemon=True,
         )
         proc.start()
         child_cmd.close()
@@ -113,12 +115,17 @@ class WorkerHandle:
         """
         what = self.pending or "reply"
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # A deadline that already passed still gets one non-blocking
+            # look: a reply that is waiting in the pipe is not a timeout
+            # (joins of one round share a deadline, a slow one uses it up).
+            remaining = max(0.0, deadline - time.monotonic())
+            ready = mp_wait([self.cmd, self.proc.sentinel], remaining)
+            if not ready:
+                if time.monotonic() < deadline:
+                    continue
                 raise WorkerTimeout(
                     f"no answer to {what!r} within the deadline", self.name
                 )
-            ready = mp_wait([self.cmd, self.proc.sentinel], remaining)
             if self.cmd in ready:
                 try:
                     msg = pickle.loads(self.cmd.recv_bytes())
@@ -140,7 +147,7 @@ class WorkerHandle:
         if tb:
             exc.__cause__ = RemoteTraceback(f"in worker {self.name}:\n{tb}")
         if status is not None:
-            exc.status = status  # type: ignore[attr-defined]
+            exc.status = status
         raise exc
 
     def call(self, method: str, *args: Any, timeout: float = 600.0) -> Any:
@@ -223,8 +230,9 @@ class WorkerHandle:
             try:
                 self.proc.close()
             except ValueError:  # still running after SIGKILL + join: give up
-                _log.error("worker %s (pid %s) could not be reaped", self.name,
-                           self.pid)
+                _log.error(
+                    "worker %s (pid %s) could not be reaped", self.name, self.pid
+                )
 
 
 def start_workers(
