@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "mpvfio.machine": 3,
     "mpvfio.switchover": 4,
     "mpvfio.bench": 4,
+    "mpvfio.stress": 4,
     "mpvfio.migration": 1,
     "mpvfio.migration.stream": 1,
     "mpvfio.migration.multifd": 1,

@@ -46,7 +46,7 @@ from collections import deque
 from itertools import pairwise
 
 from mpvfio.devices.base import ArcGate, ArcRecord
-from mpvfio.devices.profiles import Profile
+from mpvfio.devices.profiles import Fault, Profile
 from mpvfio.errors import DeviceError, TransitionError
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import MigFlag, MigState
@@ -180,6 +180,7 @@ class EmulatedDevice:
         self._resume: _ResumeSession | None = None
         self._arcs: list[ArcRecord] = []
         self._fault_fired: dict[str, int] = {}
+        self._armed: dict[str, Fault] = {}
         self._bw_next = 0.0
         self._closed = False
 
@@ -233,6 +234,23 @@ class EmulatedDevice:
             self._mig = dst
         return fd
 
+    def arm_fault(self, arc: str, fault: Fault) -> None:
+        """Make the next execution of ``arc`` (``"SRC>DST"``) fail once.
+
+        Runtime fault injection (stress tests); it takes precedence over the
+        profile's own fault on that arc and fires exactly once.
+        """
+        src, sep, dst = arc.partition(">")
+        if (
+            not sep
+            or src not in MigState.__members__
+            or dst not in MigState.__members__
+        ):
+            raise DeviceError(
+                f"bad arc {arc!r}; expected 'SRC>DST'", self.name, _errno.EINVAL
+            )
+        self._armed[arc] = fault
+
     def reset(self) -> None:
         """VFIO_DEVICE_RESET: tear down sessions, back to RUNNING."""
         self._check_open()
@@ -254,8 +272,8 @@ class EmulatedDevice:
 
     def _run_arc(self, src: MigState, dst: MigState) -> int | None:
         key = f"{src.name}>{dst.name}"
-        fault = self.profile.fault(src, dst)
-        if fault is not None:
+        fault = self._armed.pop(key, None)
+        if fault is None and (fault := self.profile.fault(src, dst)) is not None:
             fired = self._fault_fired.get(key, 0)
             if fault.times is not None and fired >= fault.times:
                 fault = None
