@@ -98,24 +98,47 @@ def _positive_float(text: str) -> float:
 
 def _add_machine_options(p: argparse.ArgumentParser) -> None:
     """Options every command that builds a machine of emulated VFs takes."""
-    p.add_argument("--vfs", type=_positive_int, default=4, metavar="N",
-                   help="number of emulated VFs, each behind its own root port "
-                   "(default 4)")
-    p.add_argument("--profile", default="fixed50", metavar="P",
-                   help="device profile: instant, fixed50, cx7 or a JSON file "
-                   "(default fixed50: every arc takes 50 ms)")
-    p.add_argument("--mode", default="workers",
-                   choices=["serial", "threads", "workers"],
-                   help="serial: QEMU today; threads: the seed series; workers: "
-                   "one process per device with a P2P barrier (default)")
-    p.add_argument("--relaxed-interlock", action="store_true",
-                   help="workers mode: let non-VFIO main callbacks run before "
-                   "every device reached P2P")
-    p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
-                   help="seconds a worker may take for one notification's "
-                   "transitions before it counts as hung (default 30)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the devices' latency jitter (default 0)")
+    p.add_argument(
+        "--vfs",
+        type=_positive_int,
+        default=4,
+        metavar="N",
+        help="number of emulated VFs, each behind its own root port (default 4)",
+    )
+    p.add_argument(
+        "--profile",
+        default="fixed50",
+        metavar="P",
+        help="device profile: instant, fixed50, cx7 or a JSON file "
+        "(default fixed50: every arc takes 50 ms)",
+    )
+    p.add_argument(
+        "--mode",
+        default="workers",
+        choices=["serial", "threads", "workers"],
+        help="serial: QEMU today; threads: the seed series; workers: "
+        "one process per device with a P2P barrier (default)",
+    )
+    p.add_argument(
+        "--relaxed-interlock",
+        action="store_true",
+        help="workers mode: let non-VFIO main callbacks run before "
+        "every device reached P2P",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds a worker may take for one notification's "
+        "transitions before it counts as hung (default 30)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the devices' latency jitter (default 0)",
+    )
 
 
 def _add_switchover(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
@@ -145,12 +168,19 @@ def _add_switchover(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
         ),
     )
     _add_machine_options(p)
-    p.add_argument("--rounds", type=_positive_int, default=1, metavar="R",
-                   help="repeat the switchover R times; medians are reported")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (for scripts)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress lines on stderr")
+    p.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=1,
+        metavar="R",
+        help="repeat the switchover R times; medians are reported",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (for scripts)"
+    )
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress lines on stderr"
+    )
     p.set_defaults(func=_cmd_switchover)
 
 
@@ -158,6 +188,7 @@ def _progress(enabled: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if enabled:
             print(f"mpvfio: {msg}", file=sys.stderr, flush=True)
+
     return say
 
 
@@ -168,9 +199,15 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     from mpvfio.vfiomig import MigrationProps
 
     profile = get_profile(args.profile)
-    say = _progress(not args.quiet and (args.rounds > 1 or profile.state_size > 1 << 24))
-    with Machine(args.mode, relaxed_interlock=args.relaxed_interlock,
-                 transition_timeout=args.timeout, seed=args.seed) as machine:
+    say = _progress(
+        not args.quiet and (args.rounds > 1 or profile.state_size > 1 << 24)
+    )
+    with Machine(
+        args.mode,
+        relaxed_interlock=args.relaxed_interlock,
+        transition_timeout=args.timeout,
+        seed=args.seed,
+    ) as machine:
         for _ in range(args.vfs):
             machine.add_vfio_device(
                 profile=profile, props=MigrationProps(migration_events=True)
@@ -183,8 +220,10 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict(), indent=2))
         return EXIT_OK if result.ok else EXIT_FAILED
     med = result.median
-    print(f"switchover: {result.vfs} VFs, profile {result.profile}, mode "
-          f"{result.mode}, {len(result.rounds)} round(s); medians in ms")
+    print(
+        f"switchover: {result.vfs} VFs, profile {result.profile}, mode "
+        f"{result.mode}, {len(result.rounds)} round(s); medians in ms"
+    )
     ideal_stop, ideal_start = med("ideal_stop_ms"), med("ideal_start_ms")
     rows = [
         ("stop phase (vm_stop)", med("stop_ms"), ideal_stop),
@@ -202,10 +241,12 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     final = result.rounds[-1]
     print("per device (last round): stop arcs | start arcs")
     for dev in final.devices:
-        stop = ", ".join(f"{a['src']}>{a['dst']} {a['ms']:.1f}"
-                         for a in dev.arcs["stop"])
-        start = ", ".join(f"{a['src']}>{a['dst']} {a['ms']:.1f}"
-                          for a in dev.arcs["start"])
+        stop = ", ".join(
+            f"{a['src']}>{a['dst']} {a['ms']:.1f}" for a in dev.arcs["stop"]
+        )
+        start = ", ".join(
+            f"{a['src']}>{a['dst']} {a['ms']:.1f}" for a in dev.arcs["start"]
+        )
         same = "checksum equal" if dev.checksum_equal else "CHECKSUM DIFFERS"
         print(f"  {dev.name:<6} {stop} | {start} | {dev.final_state}, {same}")
     order = [v for r in result.rounds for v in r.event_order]

@@ -45,9 +45,9 @@ __all__ = [
     "INT32_MAX",
     "INT32_MIN",
     "LIVE_RUNSTATES",
-    "NotifyHook",
     "FailureCallback",
     "HandlerFailure",
+    "NotifyHook",
     "Phase",
     "RunState",
     "VMChangeStateEntry",
@@ -269,7 +269,10 @@ class VMChangeStateHandlers:
                 getattr(hook, stage)(running, state)
             except Exception as exc:  # noqa: BLE001 - the walk goes on
                 entry = VMChangeStateEntry(
-                    cb=None, prepare_cb=None, cb_ret=None, priority=0,
+                    cb=None,
+                    prepare_cb=None,
+                    cb_ret=None,
+                    priority=0,
                     name=f"{hook.name}.{stage}",
                 )
                 phase: Phase = "main" if stage == "end" else "prepare"
