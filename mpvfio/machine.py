@@ -43,8 +43,11 @@ worker (reset to RUNNING).
 from __future__ import annotations
 
 import enum
+import errno
+import itertools
 import logging
 import mmap
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +60,7 @@ from mpvfio.devices.emulated import EmulatedDevice, new_backing
 from mpvfio.devices.profiles import Profile, get_profile
 from mpvfio.errors import (
     BarrierError,
+    DeviceError,
     MpvfioError,
     StateError,
     UsageError,
@@ -76,7 +80,24 @@ from mpvfio.vmstate import RunState, VMChangeStateEntry
 from mpvfio.workers.device import ARRIVED, Status, WorkerSpec, call_device
 from mpvfio.workers.pool import WorkerHandle, start_workers
 
-__all__ = ["Machine", "Mode", "NotifyReport", "VFIODevice"]
+__all__ = ["Machine", "Mode", "NotifyReport", "VFIODevice", "make_config"]
+
+_MACHINE_IDS = itertools.count()
+#: PCI config space size the emulated VF's config state carries.
+CONFIG_SIZE = 256
+
+
+def make_config(key: str) -> bytes:
+    """The emulated VF's PCI config space (QEMU saves its own copy, R8.8).
+
+    Vendor 0x15b3 / device 0x101e (a ConnectX-7 VF) at offset 0, the rest
+    deterministic per device key, so a target that loads it can tell.
+    """
+    import hashlib
+
+    body = hashlib.shake_128(f"config:{key}".encode()).digest(CONFIG_SIZE - 4)
+    return b"\xb3\x15\x1e\x10" + body
+
 
 _log = logging.getLogger(__name__)
 
@@ -132,6 +153,9 @@ class VFIODevice:
         self.props = props
         self.pf = pf
         self.key = key
+        #: The device's config state (PCI config space), owned by the VM
+        #: side like QEMU's vfio-pci model; migrated after the data (R8.8).
+        self.config = make_config(key)
         self.flags = MigFlag(profile.flags)
         self.errors: list[MpvfioError] = []
         self.arcs: list[ArcRecord] = []
@@ -230,6 +254,22 @@ class VFIODevice:
         """SHA-256 of the device's state bytes."""
         return str(self.call("checksum"))
 
+    def load_config(self, config: bytes) -> None:
+        """Install a migrated config state (the target's config load).
+
+        :raise DeviceError: the config is not this device model's (wrong
+            size or vendor/device id): the stream came from another device.
+        """
+        if len(config) != len(self.config) or config[:4] != self.config[:4]:
+            raise DeviceError(
+                f"config state rejected: {len(config)} bytes, id "
+                f"{config[:4].hex()} (this VF: {len(self.config)} bytes, id "
+                f"{self.config[:4].hex()})",
+                self.name,
+                errno.EINVAL,
+            )
+        self.config = bytes(config)
+
 
 class _ThreadGate:
     """A PF gate of in-process devices (the ``ArcGate`` protocol).
@@ -286,12 +326,19 @@ class Machine:
     :param call_timeout: deadline of one device operation in a worker.
     :param seed: seeds the devices' latency jitter.
     :param events: an event bus to publish on (default: a new one).
+    :param name: the machine's name; device state keys are
+        ``"<name>/<device>"``, so a target's VFs do not start out holding the
+        source's bytes (default: unique per machine).
+    :param arch: the guest architecture (``x-migration-load-config-after-iter``
+        AUTO is on for aarch64); default: this host's.
     """
 
     def __init__(
         self,
         mode: Mode | str = Mode.WORKERS,
         *,
+        name: str | None = None,
+        arch: str | None = None,
         relaxed_interlock: bool = False,
         transition_timeout: float = 30.0,
         call_timeout: float = 600.0,
@@ -310,6 +357,8 @@ class Machine:
         self.transition_timeout = transition_timeout
         self.call_timeout = call_timeout
         self.seed = seed
+        self.name = name or f"vm-{_getpid()}-{next(_MACHINE_IDS)}"
+        self.arch = arch or platform.machine()
         self.vm = VM(events=events)
         self.events: EventBus = self.vm.events
         self.root_bus: Bus = self.vm.tree.add_pci_host()
@@ -352,7 +401,14 @@ class Machine:
         if bus is None:
             bus = self.vm.tree.add_root_port(f"rp-{name}", self.root_bus)
         qdev = self.vm.tree.add_device(name, bus)
-        dev = VFIODevice(self, qdev, prof, props or MigrationProps(), pf, key or name)
+        dev = VFIODevice(
+            self,
+            qdev,
+            prof,
+            props or MigrationProps(),
+            pf,
+            key or f"{self.name}/{name}",
+        )
         self.devices.append(dev)
         return dev
 

@@ -152,6 +152,9 @@ CALLS = (
     "device_state",
     "data_size",
     "reset",
+    "read_chunk",
+    "arm_fault",
+    "check_resume",
 )
 
 
@@ -186,6 +189,13 @@ def call_device(
         return device.data_size()
     if method == "reset":
         return reset_device(mig, device)
+    if method == "read_chunk":
+        return mig.read_chunk(*args)
+    if method == "arm_fault":
+        device.arm_fault(*args)
+        return None
+    if method == "check_resume":
+        return device.check_resume(mig.data_fd)
     raise MpvfioError(f"unknown device operation {method!r}; valid: {', '.join(CALLS)}")
 
 
@@ -200,7 +210,10 @@ def _become_child(parent_pid: int) -> None:
         os._exit(EXIT_ORPHANED)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    faulthandler.enable()
+    try:
+        faulthandler.enable()
+    except (OSError, ValueError):  # sys.stderr without a real fd (embedding)
+        faulthandler.enable(file=2)
 
 
 class _Worker:

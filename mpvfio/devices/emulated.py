@@ -535,6 +535,30 @@ class EmulatedDevice:
         self._pace(done)
         return done
 
+    def check_resume(self, fd: int) -> None:
+        """Validate the data written so far without leaving RESUMING.
+
+        A target calls this once the whole stream is in, so data the device
+        would reject fails the migration *before* the target VM starts
+        (the arc RESUMING -> STOP checks the same and would land in ERROR).
+        Like mtty's header check on write, it is the driver's early word.
+
+        :raise DeviceError: EINVAL naming what is wrong with the data.
+        """
+        self._check_open()
+        sess = self._resume
+        if sess is None or sess.user_fd != fd:
+            raise DeviceError(
+                "the resuming session of this fd has ended", self.name, _errno.ENODEV
+            )
+        size = os.fstat(sess.dev_fd).st_size
+        try:
+            self._parse(os.pread(sess.dev_fd, size, 0))
+        except ValueError as exc:
+            raise DeviceError(
+                f"resume data rejected: {exc}", self.name, _errno.EINVAL
+            ) from None
+
     def _load(self) -> None:
         """RESUMING -> STOP: apply the written stream or fail into ERROR."""
         sess = self._resume

@@ -197,7 +197,7 @@ def test_modes_agree(machine: MachineFactory) -> None:
     """Same devices, same steps: identical states, arcs and checksums."""
     seen: dict[str, Any] = {}
     for mode in MODES:
-        m = machine(mode)
+        m = machine(mode, name="same-vm")  # same keys: comparable checksums
         add_devices(m, 4)
         m.start()
         for d in m.devices:
