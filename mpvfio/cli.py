@@ -48,7 +48,243 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fsm(subparsers)
     _add_switchover(subparsers)
     _add_bench(subparsers)
+    _add_migrate(subparsers)
+    _add_incoming(subparsers)
     return parser
+
+
+def _add_migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--multifd-channels",
+        type=int,
+        default=0,
+        metavar="C",
+        help="extra channels carrying the device state, sent by each "
+        "device's worker in parallel (default 0: all data on the main "
+        "channel); both sides must agree",
+    )
+    p.add_argument(
+        "--downtime-limit",
+        type=_positive_float,
+        default=300.0,
+        metavar="MS",
+        help="switch over once the estimated stop-copy time fits (default 300 ms)",
+    )
+    p.add_argument(
+        "--config-after-iter",
+        default="auto",
+        choices=["on", "off", "auto"],
+        help="x-migration-load-config-after-iter (auto: on for aarch64)",
+    )
+    p.add_argument(
+        "--max-queued-buffers-size",
+        type=int,
+        default=2**64 - 1,
+        metavar="BYTES",
+        help="target: out-of-order multifd bytes a "
+        "device may queue (x-migration-max-queued-buffers-size)",
+    )
+    p.add_argument(
+        "--net-timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="seconds one network step may block (60)",
+    )
+
+
+def _params(args: argparse.Namespace, channels: int | None = None) -> object:
+    from mpvfio.migration.engine import MigrationParams
+
+    return MigrationParams(
+        multifd_channels=args.multifd_channels if channels is None else channels,
+        downtime_limit_ms=args.downtime_limit,
+        config_after_iter=args.config_after_iter,
+        max_queued_buffers_size=args.max_queued_buffers_size,
+        timeout=args.net_timeout,
+    )
+
+
+def _add_migrate(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "migrate",
+        help="live-migrate emulated VFs (to a target, or --local)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Run the source of a live migration: save_setup (-> PRE_COPY),\n"
+            "pre-copy iterations, the parallel stop, the STOP_COPY data (on the\n"
+            "main channel or, with --multifd-channels, from every device's\n"
+            "worker in parallel), the config, then the target's answer.  On any\n"
+            "failure the source VM runs again with its devices unchanged.\n\n"
+            "--local forks a target on this machine (a UNIX socket) and prints\n"
+            "the downtime with its breakdown; --compare runs the seed's rows:\n"
+            "serial transitions, parallel transitions, parallel + multifd data."
+        ),
+        epilog=(
+            "examples:\n"
+            "  mpvfio migrate --vfs 4 --local --compare\n"
+            "  mpvfio migrate --vfs 4 --local --compare --profile cx7 --json\n"
+            "  mpvfio migrate --vfs 4 --local --multifd-channels 4 --timeline t.png\n"
+            "  mpvfio incoming --listen tcp:[::1]:4444 --vfs 2 &\n"
+            "  mpvfio migrate --to tcp:[::1]:4444 --vfs 2"
+        ),
+    )
+    _add_machine_options(p)
+    _add_migration_options(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--to", metavar="URI", help="target URI: unix:PATH or tcp:HOST:PORT"
+    )
+    where.add_argument(
+        "--local",
+        action="store_true",
+        help="fork a target on this machine and migrate to it",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --local: serial, parallel and parallel+multifd rows",
+    )
+    p.add_argument(
+        "--timeline",
+        metavar="FILE.png",
+        help="also draw the per-device timeline as a PNG (matplotlib)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_migrate)
+
+
+def _add_incoming(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "incoming",
+        help="start a target VM that waits for one incoming migration",
+        description=(
+            "Build a VM with the same emulated VFs as the source (vf0..vfN-1), "
+            "keep it in run state inmigrate, listen on URI, load one migration "
+            "and start the VM (RESUMING -> RUNNING_P2P -> RUNNING).  On failure "
+            "its devices are reset and the VM never runs."
+        ),
+    )
+    _add_machine_options(p)
+    _add_migration_options(p)
+    p.add_argument(
+        "--listen",
+        required=True,
+        metavar="URI",
+        help="unix:PATH or tcp:HOST:PORT (tcp:[::1]:4444 for IPv6)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_incoming)
+
+
+def _print_rows(rows: list[dict[str, object]]) -> None:
+    print(f"  {'mode':<38}{'downtime':>10}{'stop':>9}{'transfer':>10}{'start':>9}")
+    for r in rows:
+        print(
+            f"  {r['mode']!s:<38}{r['downtime_ms']:>10.1f}{r['stop_ms']:>9.1f}"
+            f"{r['transfer_ms']:>10.1f}{r['start_ms']:>9.1f}"
+        )
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from mpvfio.devices.profiles import get_profile
+    from mpvfio.machine import Machine
+    from mpvfio.migration import local
+    from mpvfio.migration.engine import MigrationInfo, MigrationParams, migrate
+    from mpvfio.vfiomig import MigrationProps
+
+    profile = get_profile(args.profile)
+    say = _progress(not args.quiet and not args.json)
+    params = _params(args)
+    assert isinstance(params, MigrationParams)
+    if args.compare and not args.local:
+        raise UsageError("--compare needs --local")
+    infos: list[tuple[str, MigrationInfo]] = []
+    if args.local and args.compare:
+        channels = args.multifd_channels or args.vfs
+        for r in local.compare(args.vfs, profile, params, channels, say):
+            infos.append((str(r["label"]), r["info"]))
+    elif args.local:
+        info, _ = local.run_local(args.vfs, profile, args.mode, params, progress=say)
+        label = f"{args.mode}" + (" + multifd" if params.multifd_channels else "")
+        infos.append((label, info))
+    else:
+        with Machine(
+            args.mode,
+            relaxed_interlock=args.relaxed_interlock,
+            transition_timeout=args.timeout,
+            seed=args.seed,
+            name="source",
+        ) as m:
+            for i in range(args.vfs):
+                m.add_vfio_device(
+                    f"vf{i}", profile, props=MigrationProps(migration_events=True)
+                )
+            m.start()
+            info = migrate(m, args.to, params, progress=say)
+        infos.append((args.mode, info))
+    rows = [local._row_json(label, info) for label, info in infos]
+    equal = all(info.checksums_equal for _, info in infos)
+    if args.timeline:
+        local.timeline_png(infos[-1][1], args.timeline)
+    if args.json:
+        print(json.dumps({"rows": rows, "checksums_equal": equal}, indent=2))
+        return EXIT_OK if equal else EXIT_FAILED
+    print(
+        f"migration of {args.vfs} VFs, profile {profile.name}; times in ms "
+        "(downtime = source vm_stop -> target VM running)"
+    )
+    _print_rows(rows)
+    for label, info in infos:
+        print(f"\n{label}:")
+        print(local.timeline_text(info))
+        for note in info.notes:
+            print(f"  note: {note}")
+    print(
+        "\nchecksums: "
+        + ("source at stop == target after start, every device" if equal else "DIFFER")
+    )
+    if args.timeline:
+        print(f"timeline drawn to {args.timeline}")
+    return EXIT_OK if equal else EXIT_FAILED
+
+
+def _cmd_incoming(args: argparse.Namespace) -> int:
+    from mpvfio.devices.profiles import get_profile
+    from mpvfio.machine import Machine
+    from mpvfio.migration.engine import MigrationParams, incoming
+    from mpvfio.vfiomig import MigrationProps
+    from mpvfio.vmstate import RunState
+
+    profile = get_profile(args.profile)
+    params = _params(args)
+    assert isinstance(params, MigrationParams)
+    say = _progress(not args.json)
+    with Machine(
+        args.mode,
+        relaxed_interlock=args.relaxed_interlock,
+        transition_timeout=args.timeout,
+        seed=args.seed,
+        name="target",
+    ) as m:
+        for i in range(args.vfs):
+            m.add_vfio_device(
+                f"vf{i}", profile, props=MigrationProps(migration_events=True)
+            )
+        m.start(run=False, runstate=RunState.INMIGRATE)
+        say(f"waiting for a migration on {args.listen}")
+        info = incoming(m, args.listen, params, progress=say)
+    if args.json:
+        from dataclasses import asdict
+
+        print(json.dumps(asdict(info), indent=2, default=str))
+    else:
+        print(
+            f"incoming migration completed: load {info.load_ms:.1f} ms, start "
+            f"{info.start_ms:.1f} ms, {info.received_bytes} bytes received"
+        )
+    return EXIT_OK
 
 
 def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:

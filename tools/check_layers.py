@@ -7,7 +7,7 @@
                       .multifd, .transport): workers use the packet codec
     L2 workers        workers/ (installed as mpvfio.workers.*)
     L3 orchestration  machine
-    L4 migration      switchover, bench, migration.engine
+    L4 migration      switchover, bench, stress, migration.engine/.local
     L5 QMP / CLI      cli, __main__, api, qmp.*
 
 A module may import from its own layer or any lower one.  Every module must
@@ -54,6 +54,7 @@ LAYERS: dict[str, int] = {
     "mpvfio.migration.multifd": 1,
     "mpvfio.migration.transport": 1,
     "mpvfio.migration.engine": 4,
+    "mpvfio.migration.local": 4,
     "mpvfio.cli": 5,
     "mpvfio.__main__": 5,
     "mpvfio.api": 5,

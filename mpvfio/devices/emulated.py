@@ -181,6 +181,7 @@ class EmulatedDevice:
         self._arcs: list[ArcRecord] = []
         self._fault_fired: dict[str, int] = {}
         self._armed: dict[str, Fault] = {}
+        self._validated: tuple[int, int, bytearray] | None = None
         self._bw_next = 0.0
         self._closed = False
 
@@ -515,6 +516,7 @@ class EmulatedDevice:
         return user_fd
 
     def _close_resume(self) -> None:
+        self._validated = None
         sess, self._resume = self._resume, None
         if sess is not None:
             os.ftruncate(sess.dev_fd, 0)
@@ -553,20 +555,25 @@ class EmulatedDevice:
             )
         size = os.fstat(sess.dev_fd).st_size
         try:
-            self._parse(os.pread(sess.dev_fd, size, 0))
+            state = self._parse(os.pread(sess.dev_fd, size, 0))
         except ValueError as exc:
             raise DeviceError(
                 f"resume data rejected: {exc}", self.name, _errno.EINVAL
             ) from None
+        # Leaving RESUMING applies this state unless more bytes arrive first.
+        self._validated = (sess.dev_fd, size, state)
 
     def _load(self) -> None:
         """RESUMING -> STOP: apply the written stream or fail into ERROR."""
         sess = self._resume
         assert sess is not None
         size = os.fstat(sess.dev_fd).st_size
-        blob = os.pread(sess.dev_fd, size, 0)
+        validated, self._validated = self._validated, None
         try:
-            state = self._parse(blob)
+            if validated is not None and validated[:2] == (sess.dev_fd, size):
+                state = validated[2]  # check_resume parsed exactly these bytes
+            else:
+                state = self._parse(os.pread(sess.dev_fd, size, 0))
         except ValueError as exc:
             self._close_resume()
             self._mig = S.ERROR

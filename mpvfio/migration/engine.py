@@ -1,0 +1,933 @@
+"""Live migration end to end: source save, target load, rollback (layer 4).
+
+Source (:func:`migrate`), in QEMU's order (../shared/spec/QEMU.md R8, §13)::
+
+    setup     open the main channel (+ N multifd channels), stream header,
+              START section per device, save_setup: RUNNING -> PRE_COPY
+    precopy   PART sections (one <= 1 MiB chunk per device per pass) while the
+              VM runs, until every device reports ENOMSG or the estimated
+              stop-copy size / measured bandwidth fits the downtime limit
+    stop      vm_stop(finish-migrate): the parallel switchover
+              (PRE_COPY -> PRE_COPY_P2P -> STOP_COPY); SWITCHOVER_START
+    data      non-multifd: END sections carry each device's STOP_COPY data;
+              multifd: every device's worker streams its own data as
+              12-byte-header packets over the channels, in parallel (R10.4)
+    config    FULL sections: the config state (or, with multifd, EOS or
+              DEV_CONFIG_LOAD_READY: the config went last on the channels)
+    (ack)     before the stop the source waits for the target's
+              switchover-ack (its devices are RESUMING), as QEMU's
+              switchover-ack capability does
+    complete  EOF, then the target's answer on the main channel: downtime
+              = target VM running - source vm_stop (one host's
+              CLOCK_MONOTONIC when both run on this machine); save_cleanup
+              (STOP_COPY -> STOP) runs after, outside the downtime window
+
+Target (:func:`incoming`): load_setup (-> RESUMING), sections loaded as they
+arrive (multifd packets reassembled per device in idx order, bounded by
+``x-migration-max-queued-buffers-size``), the config loaded last (after
+DEV_CONFIG_LOAD_READY with ``x-migration-load-config-after-iter``), the
+devices' data checked, then vm_start (RESUMING -> RUNNING_P2P -> RUNNING),
+the answer to the source, and load_cleanup after the start (R9.6).
+
+Failure and cancel: on any error (target gone, connection dropped, stream
+error, data rejected by the target, cancel) the source takes QEMU's failed
+path (R7.2): restart the VM if it was stopped (STOP_COPY -> RUNNING_P2P ->
+RUNNING), save_cleanup, then the FAILED notifier puts every device in
+RUNNING; its device state is unchanged.  The target resets its devices and
+never starts its VM.  :class:`MigrationError` names the stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mpvfio.errors import (
+    DeviceError,
+    MigrationBlockedError,
+    MpvfioError,
+    StateError,
+    UsageError,
+)
+from mpvfio.machine import Machine, Mode, VFIODevice
+from mpvfio.migration.multifd import ReassemblyTable, read_frame
+from mpvfio.migration.stream import (
+    Config,
+    ConfigLoadReady,
+    DataChunk,
+    Eof,
+    Hello,
+    StreamReader,
+    StreamWriter,
+    SwitchoverStart,
+    decode_config_state,
+    encode_config_state,
+    vfio_idstr,
+)
+from mpvfio.migration.transport import (
+    Cancel,
+    Channels,
+    Listener,
+    accept_channels,
+    listen,
+    open_channels,
+    recv_exact,
+    sendall_deadline,
+)
+from mpvfio.uapi.vfio import MigState
+from mpvfio.vfiomig import DATA_BUFFER_SIZE
+from mpvfio.vmstate import RunState
+
+__all__ = [
+    "IncomingInfo",
+    "MigrationError",
+    "MigrationInfo",
+    "MigrationParams",
+    "incoming",
+    "migrate",
+    "resolve_config_after_iter",
+]
+
+_log = logging.getLogger(__name__)
+_LEN = struct.Struct(">I")
+_MAX_ANSWER = 1 << 20
+STAGES = ("setup", "precopy", "stop", "data", "config", "complete")
+
+
+class MigrationError(MpvfioError):
+    """A migration failed; ``stage`` names where (source or target side).
+
+    :param message: what happened.
+    :param stage: ``setup``, ``precopy``, ``stop``, ``data``, ``config``,
+        ``complete`` on the source; ``accept``, ``load``, ``check``,
+        ``start`` on the target.
+    :param side: ``source`` or ``target``.
+    """
+
+    def __init__(self, message: str, stage: str = "", side: str = "source") -> None:
+        super().__init__(message, stage, side)
+        self.stage = stage
+        self.side = side
+
+    def __str__(self) -> str:
+        return f"migration failed ({self.side}, stage {self.stage}): {self.args[0]}"
+
+
+def resolve_config_after_iter(value: str, arch: str) -> bool:
+    """``x-migration-load-config-after-iter``: ON, OFF, or AUTO (on for aarch64)."""
+    v = value.lower()
+    if v == "on":
+        return True
+    if v == "off":
+        return False
+    if v == "auto":
+        return arch in ("aarch64", "arm64")
+    raise UsageError(
+        f"x-migration-load-config-after-iter must be on, off or auto, got {value!r}"
+    )
+
+
+@dataclass
+class MigrationParams:
+    """Migration parameters (QEMU's capabilities and parameters, simplified).
+
+    :param multifd_channels: extra channels for the device state; 0 = none
+        (``x-migration-multifd-transfer`` off), data on the main channel.
+    :param downtime_limit_ms: the switchover happens once the estimated
+        stop-copy time (size / measured bandwidth) fits under this.
+    :param max_precopy_s: switch over anyway after this long in pre-copy.
+    :param config_after_iter: ``on`` / ``off`` / ``auto``.
+    :param max_queued_buffers_size: target: bytes of out-of-order multifd
+        data a device may queue (``x-migration-max-queued-buffers-size``).
+    :param timeout: seconds any single network step may block.
+    :param connect_retry_s: source: keep retrying while the target is not
+        listening yet.
+    """
+
+    multifd_channels: int = 0
+    downtime_limit_ms: float = 300.0
+    max_precopy_s: float = 60.0
+    config_after_iter: str = "auto"
+    max_queued_buffers_size: int = 2**64 - 1
+    timeout: float = 60.0
+    connect_retry_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.multifd_channels <= 255:
+            raise UsageError(
+                f"multifd channels must be 0..255, got {self.multifd_channels}"
+            )
+        if self.downtime_limit_ms <= 0 or self.timeout <= 0:
+            raise UsageError("downtime limit and timeout must be > 0")
+        if self.max_queued_buffers_size < 0:
+            raise UsageError("x-migration-max-queued-buffers-size must be >= 0")
+        resolve_config_after_iter(self.config_after_iter, "x86_64")
+
+
+@dataclass
+class Span:
+    """One bar of the per-device timeline (monotonic ns)."""
+
+    device: str
+    what: str
+    start_ns: int
+    end_ns: int
+
+
+@dataclass
+class MigrationInfo:
+    """What a source saw (``query-migrate`` style)."""
+
+    status: str = "setup"
+    stage: str = "setup"
+    error: str | None = None
+    mode: str = ""
+    vfs: int = 0
+    multifd_channels: int = 0
+    downtime_ms: float = 0.0
+    stop_ms: float = 0.0
+    transfer_ms: float = 0.0
+    config_ms: float = 0.0
+    start_ms: float = 0.0
+    total_ms: float = 0.0
+    precopy_ms: float = 0.0
+    precopy_iterations: int = 0
+    precopy_bytes: int = 0
+    stopcopy_bytes: int = 0
+    transferred_bytes: int = 0
+    checksums: dict[str, str] = field(default_factory=dict)
+    target_checksums: dict[str, str] = field(default_factory=dict)
+    timeline: list[Span] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def checksums_equal(self) -> bool:
+        """Every device arrived byte-identical (source at stop == target)."""
+        return bool(self.checksums) and self.checksums == self.target_checksums
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        d = asdict(self)
+        d["checksums_equal"] = self.checksums_equal
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = round(v, 3)
+        return d
+
+
+@dataclass
+class IncomingInfo:
+    """What a target saw."""
+
+    status: str = "setup"
+    stage: str = "accept"
+    error: str | None = None
+    load_ms: float = 0.0
+    config_ms: float = 0.0
+    start_ms: float = 0.0
+    resumed_ns: int = 0
+    received_bytes: int = 0
+    checksums: dict[str, str] = field(default_factory=dict)
+    timeline: list[Span] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------- helpers
+def _answer(sock: Any, payload: dict[str, Any], timeout: float) -> None:
+    blob = json.dumps(payload).encode()
+    sendall_deadline(sock, _LEN.pack(len(blob)) + blob, time.monotonic() + timeout)
+
+
+def _read_answer(sock: Any, timeout: float, cancel: Cancel | None) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    (n,) = _LEN.unpack(recv_exact(sock, 4, deadline, cancel))
+    if n > _MAX_ANSWER:
+        raise MigrationError(f"target answer of {n} bytes is too large", "complete")
+    msg = json.loads(recv_exact(sock, n, deadline, cancel))
+    if not isinstance(msg, dict):
+        raise MigrationError("target answer is not a JSON object", "complete")
+    return msg
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class _Writer:
+    """The main channel's buffered writer with a per-write deadline."""
+
+    def __init__(self, sock: Any, timeout: float) -> None:
+        sock.settimeout(timeout)
+        self.f = sock.makefile("wb", buffering=1 << 20)
+        self.bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        n = self.f.write(data)
+        self.bytes += len(data)
+        return int(n or 0)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+
+
+def _device_errors(machine: Machine, since: int) -> list[str]:
+    return [str(e) for e in machine.errors[since:]]
+
+
+# ------------------------------------------------------------------ source
+def migrate(
+    machine: Machine,
+    uri: str,
+    params: MigrationParams | None = None,
+    *,
+    cancel: Cancel | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> MigrationInfo:
+    """Migrate a running machine's devices to the target listening on ``uri``.
+
+    :param on_stage: called with each stage name as it begins (a test hook:
+        cancel or fail at a chosen stage).
+    :raise MigrationBlockedError: the device set cannot migrate (R4.6).
+    :raise MigrationError: it failed; the source VM runs again, its devices
+        RUNNING with their state intact.
+    """
+    p = params or MigrationParams()
+    cancel = cancel or Cancel()
+    say = progress or (lambda _m: None)
+    blockers = machine.migration_blockers()
+    if blockers:
+        raise MigrationBlockedError("; ".join(blockers))
+    if machine.vm.runstate != RunState.RUNNING:
+        raise StateError(f"migrate needs a running VM, it is {machine.vm.runstate}")
+    info = MigrationInfo(
+        mode=machine.mode.value,
+        vfs=len(machine.devices),
+        multifd_channels=p.multifd_channels,
+    )
+    devs = machine.devices
+    t0 = time.monotonic_ns()
+    state: dict[str, Any] = {"stopped": False, "stop_ns": 0}
+    chans: Channels | None = None
+    writer: _Writer | None = None
+    n_err = len(machine.errors)
+
+    def stage(name: str) -> None:
+        info.stage = name
+        cancel.check()
+        if on_stage is not None:
+            on_stage(name)
+        cancel.check()
+
+    try:
+        stage("setup")
+        cai = resolve_config_after_iter(p.config_after_iter, machine.arch)
+        hello = Hello(
+            tuple(d.name for d in devs), p.multifd_channels, cai, machine.arch
+        )
+        chans = open_channels(
+            uri,
+            p.multifd_channels,
+            hello.session,
+            p.timeout,
+            retry_until=p.connect_retry_s,
+            cancel=cancel,
+        )
+        writer = _Writer(chans.main, p.timeout)
+        w = StreamWriter(writer)
+        w.header(hello)
+        for d in devs:
+            w.section_start(d.name)
+            if d.call("save_setup") < 0:
+                raise DeviceError("save_setup failed", d.name)
+        w.flush()
+        info.status = "active"
+        say(f"setup done: {len(devs)} devices, multifd channels {p.multifd_channels}")
+
+        stage("precopy")
+        _precopy(machine, w, writer, p, info, cancel, say)
+
+        # Switchover-ack (QEMU's return-path SWITCHOVER_ACK, R9.2): the
+        # target says its devices are RESUMING; stopping earlier would put
+        # its load_setup into the downtime.
+        ack = _read_answer(chans.main, p.timeout, cancel)
+        if ack.get("status") != "switchover-ack":
+            raise MigrationError(
+                str(ack.get("error", f"unexpected answer {ack}")),
+                str(ack.get("stage", "")),
+                "target",
+            )
+
+        stage("stop")
+        state["stop_ns"] = time.monotonic_ns()
+        machine.vm_stop(RunState.FINISH_MIGRATE)
+        state["stopped"] = True
+        stop = machine.last_report
+        info.stop_ms = stop.ms
+        for d in devs:
+            info.timeline.extend(
+                Span(d.name, f"stop {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns)
+                for a in stop.arcs.get(d.name, [])
+            )
+        errs = _device_errors(machine, n_err)
+        if errs:  # R6.1: the error fails the outgoing migration
+            raise MigrationError("; ".join(errs), "stop")
+        info.status = "device"
+        for d in devs:
+            info.checksums[d.name] = d.checksum()
+        w.cmd_switchover_start()
+
+        stage("data")
+        t_data = time.monotonic_ns()
+        if p.multifd_channels:
+            _send_multifd(machine, chans, w, p, info)
+        else:
+            for d in devs:
+                s = time.monotonic_ns()
+                w.section_end(d.name, _stopcopy_chunks(d, info))
+                info.timeline.append(Span(d.name, "data", s, time.monotonic_ns()))
+        w.flush()
+        info.transfer_ms = (time.monotonic_ns() - t_data) / 1e6
+
+        stage("config")
+        t_cfg = time.monotonic_ns()
+        for d in devs:
+            if p.multifd_channels:
+                w.section_full_multifd(d.name, cai)
+            else:
+                w.section_full_config(d.name, d.config)
+        w.eof()
+        w.flush()
+        info.config_ms = (time.monotonic_ns() - t_cfg) / 1e6
+
+        stage("complete")
+        answer = _read_answer(chans.main, p.timeout, cancel)
+        if answer.get("status") != "completed":
+            raise MigrationError(
+                str(answer.get("error", "target failed")),
+                str(answer.get("stage", "")),
+                "target",
+            )
+        resumed = int(answer.get("resumed_ns", 0))
+        now = time.monotonic_ns()
+        same_host = answer.get("boot_id") == _boot_id() and resumed > 0
+        end = resumed if same_host else now
+        info.downtime_ms = (end - state["stop_ns"]) / 1e6
+        info.start_ms = float(answer.get("start_ms", 0.0))
+        info.target_checksums = dict(answer.get("checksums", {}))
+        for span in answer.get("timeline", []):
+            info.timeline.append(Span(**span))
+        if not same_host:
+            info.notes.append("downtime measured at the source (different hosts)")
+        info.transferred_bytes = writer.bytes + info.stopcopy_bytes * (
+            1 if p.multifd_channels else 0
+        )
+        for d in devs:  # R8.9: outside the downtime window
+            d.call("save_cleanup")
+        machine.vm.runstate_set(RunState.POSTMIGRATE)
+        info.status = "completed"
+        info.total_ms = (time.monotonic_ns() - t0) / 1e6
+        say(f"completed: downtime {info.downtime_ms:.1f} ms")
+        return info
+    except BaseException as exc:
+        info.status = "cancelled" if cancel.cancelled else "failed"
+        info.error = str(exc)
+        reason = exc
+        if chans is not None and not isinstance(exc, MigrationError):
+            reason = _target_reason(chans, exc)
+        _rollback(machine, bool(state["stopped"]), info)
+        info.total_ms = (time.monotonic_ns() - t0) / 1e6
+        if isinstance(reason, MigrationError):
+            raise reason from exc
+        if isinstance(exc, Exception):
+            raise MigrationError(str(exc), info.stage) from exc
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        if chans is not None:
+            chans.close()
+
+
+def _target_reason(chans: Channels, exc: BaseException) -> BaseException:
+    """After a send failure, the target may have said why (it closes after)."""
+    try:
+        msg = _read_answer(chans.main, 0.5, None)
+    except Exception:  # noqa: BLE001 - best effort: keep the original error
+        return exc
+    if msg.get("status") == "failed":
+        return MigrationError(
+            str(msg.get("error")), str(msg.get("stage", "")), "target"
+        )
+    return exc
+
+
+def _precopy(
+    machine: Machine,
+    w: StreamWriter,
+    writer: _Writer,
+    p: MigrationParams,
+    info: MigrationInfo,
+    cancel: Cancel,
+    say: Callable[[str], None],
+) -> None:
+    """PART sections while the VM runs, until convergence (R8.3-R8.6)."""
+    devs = [d for d in machine.devices if d.state == MigState.PRE_COPY]
+    t0 = time.monotonic()
+    sent0 = writer.bytes
+    bandwidth = 0.0
+    while devs:
+        cancel.check()
+        empty = 0
+        for d in devs:
+            data = d.call("read_chunk", DATA_BUFFER_SIZE)
+            if not data:  # None: ENOMSG, nothing more for now
+                empty += 1
+                w.section_part(d.name, None)
+                continue
+            w.section_part(d.name, data)
+            info.precopy_bytes += len(data)
+        info.precopy_iterations += 1
+        elapsed = time.monotonic() - t0
+        if elapsed > 0:
+            bandwidth = (writer.bytes - sent0) / elapsed
+        if empty == len(devs):
+            break  # every device has nothing more to pre-copy
+        pending = sum(int(d.call("data_size")) for d in machine.devices)
+        limit = bandwidth * p.downtime_limit_ms / 1000.0
+        if bandwidth and pending <= limit:
+            info.notes.append(
+                f"converged: {pending} bytes pending <= {limit:.0f} "
+                f"({bandwidth / 1e6:.0f} MB/s x {p.downtime_limit_ms} ms)"
+            )
+            break
+        if elapsed > p.max_precopy_s:
+            info.notes.append(
+                f"switched over after {p.max_precopy_s} s of pre-copy "
+                f"with {pending} bytes still pending"
+            )
+            break
+        if info.precopy_iterations % 64 == 0:
+            say(
+                f"pre-copy: {info.precopy_bytes >> 20} MiB sent, "
+                f"{pending >> 20} MiB pending, {bandwidth / 1e6:.0f} MB/s"
+            )
+    w.flush()
+    info.precopy_ms = (time.monotonic() - t0) * 1000.0
+
+
+def _stopcopy_chunks(d: VFIODevice, info: MigrationInfo) -> Iterator[bytes]:
+    """R8.7: -> STOP_COPY (recover STOP), then the data to the end."""
+    if d.call("save_complete") < 0:
+        raise DeviceError("could not enter STOP_COPY", d.name)
+    while True:
+        data = d.call("read_chunk", DATA_BUFFER_SIZE)
+        if data is None:
+            raise DeviceError("read returned ENOMSG in STOP_COPY", d.name)
+        if not data:
+            return
+        info.stopcopy_bytes += len(data)
+        yield data
+
+
+def _send_multifd(
+    machine: Machine,
+    chans: Channels,
+    w: StreamWriter,
+    p: MigrationParams,
+    info: MigrationInfo,
+) -> None:
+    """R10.4: one sender per device, in parallel; END sections carry EOS."""
+    from mpvfio.workers.migration import send_device_state
+
+    devs = machine.devices
+    n = len(chans.extra)
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+    locks: list[str | None] = []
+    thread_locks = [threading.Lock() for _ in range(n)]
+    reg = machine.registry
+    created: list[Any] = []
+    if machine.mode == Mode.WORKERS:
+        from mpvfio.ipc import _posix
+
+        assert reg is not None
+        for i in range(n):
+            name = reg.name(f"mfd{i}-{time.monotonic_ns() & 0xFFFFFF:x}")
+            created.append(_posix.create_semaphore(name, 1))
+            reg.add(name, "sem")
+            locks.append(name)
+
+    class _TLock:
+        def __init__(self, lk: threading.Lock) -> None:
+            self.lk = lk
+
+        def acquire(self, timeout: float | None = None) -> bool:
+            return self.lk.acquire(timeout=-1 if timeout is None else timeout)
+
+        def release(self) -> None:
+            self.lk.release()
+
+    def run(i: int, d: VFIODevice) -> None:
+        ch = i % n
+        payload = encode_config_state(d.config)
+        try:
+            if machine.mode == Mode.WORKERS:
+                results[d.name] = d.call_fds(
+                    "mig_send",
+                    [chans.extra[ch].fileno()],
+                    locks[ch],
+                    vfio_idstr(d.name),
+                    payload,
+                    p.timeout,
+                    timeout=p.timeout + 5,
+                )
+            else:
+                dup = socket.socket(fileno=chans.extra[ch].dup().detach())
+                try:
+                    assert d.mig is not None
+                    results[d.name] = send_device_state(
+                        d.mig,
+                        dup,
+                        _TLock(thread_locks[ch]),
+                        vfio_idstr(d.name),
+                        payload,
+                        p.timeout,
+                    )
+                    d._collect_local()
+                finally:
+                    dup.close()
+        except BaseException as exc:  # noqa: BLE001 - joined and re-raised below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(i, d), name=f"mfd-send-{d.name}")
+        for i, d in enumerate(devs)
+    ]
+    try:
+        for t in threads:
+            t.start()
+        for d in devs:  # R8.7: the main thread's save_complete writes EOS only
+            w.section_end(d.name)
+        for t in threads:
+            t.join(p.timeout + 10)
+    finally:
+        if machine.mode == Mode.WORKERS and reg is not None:
+            from mpvfio.ipc import _posix
+
+            for sem, lock_name in zip(created, locks, strict=True):
+                _posix.close_semaphore(sem)
+                if lock_name is not None:
+                    reg.unlink(lock_name)
+    if any(t.is_alive() for t in threads):
+        raise MigrationError("a multifd sender did not finish in time", "data")
+    if errors:
+        raise MigrationError(f"multifd send failed: {errors[0]}", "data") from errors[0]
+    for d in devs:
+        r = results[d.name]
+        info.stopcopy_bytes += int(r["bytes"])
+        info.timeline.append(Span(d.name, "data", int(r["start_ns"]), int(r["end_ns"])))
+    for ch in chans.extra:  # the target reads each channel to its end
+        with contextlib.suppress(OSError):
+            ch.shutdown(socket.SHUT_WR)
+
+
+def _rollback(machine: Machine, stopped: bool, info: MigrationInfo) -> None:
+    """QEMU's failed path (R7.2): restart, save_cleanup, FAILED -> RUNNING."""
+    try:
+        if stopped and machine.vm.runstate != RunState.RUNNING:
+            machine.vm_start()
+        for d in machine.devices:
+            with contextlib.suppress(MpvfioError):
+                d.call("save_cleanup")
+        for d in machine.devices:  # the migration notifier on FAILED (R7.1)
+            with contextlib.suppress(MpvfioError):
+                d.call("set_state", int(MigState.RUNNING))
+        if machine.vm.runstate != RunState.RUNNING:
+            machine.vm.runstate_set(RunState.RUNNING)
+    except MpvfioError as exc:
+        info.notes.append(f"rollback trouble: {exc}")
+        _log.error("rollback after a failed migration: %s", exc)
+
+
+# ------------------------------------------------------------------ target
+def incoming(
+    machine: Machine,
+    listen_on: str | Listener,
+    params: MigrationParams | None = None,
+    *,
+    cancel: Cancel | None = None,
+    progress: Callable[[str], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+) -> IncomingInfo:
+    """Receive one migration into a started, not running machine.
+
+    The machine is started with ``start(run=False, runstate=INMIGRATE)``;
+    its devices are matched to the source's by name.
+
+    :raise MigrationError: the incoming migration failed; the devices are
+        reset and the VM was not started.
+    """
+    p = params or MigrationParams()
+    cancel = cancel or Cancel()
+    say = progress or (lambda _m: None)
+    info = IncomingInfo()
+    if machine.vm.runstate == RunState.RUNNING:
+        raise StateError("incoming migration needs a VM that is not running")
+    own = isinstance(listen_on, str)
+    listener = listen(listen_on) if isinstance(listen_on, str) else listen_on
+    chans: Channels | None = None
+    threads: list[threading.Thread] = []
+    table: ReassemblyTable | None = None
+    failures: list[BaseException] = []
+    started = False
+    devs = {d.name: d for d in machine.devices}
+
+    def stage(name: str) -> None:
+        info.stage = name
+        cancel.check()
+        if on_stage is not None:
+            on_stage(name)
+        cancel.check()
+
+    try:
+        stage("accept")
+        chans = accept_channels(listener, p.multifd_channels, p.timeout, cancel)
+        chans.main.settimeout(p.timeout)
+        rf = chans.main.makefile("rb", buffering=1 << 20)
+        reader = StreamReader(rf, expect_devices=list(devs), check_trailing=False)
+        hello = reader.read_header()
+        cai = resolve_config_after_iter(p.config_after_iter, machine.arch)
+        if hello.config_after_iter != cai:
+            raise MigrationError(
+                f"x-migration-load-config-after-iter differs: source "
+                f"{'on' if hello.config_after_iter else 'off'}, target "
+                f"{'on' if cai else 'off'}",
+                "accept",
+                "target",
+            )
+        if hello.multifd_channels != p.multifd_channels:
+            raise MigrationError(
+                f"multifd channels differ: source {hello.multifd_channels}, target "
+                f"{p.multifd_channels}",
+                "accept",
+                "target",
+            )
+        stage("load")
+        t_load = time.monotonic_ns()
+        for d in devs.values():
+            if d.call("load_setup") < 0:
+                raise DeviceError("load_setup (-> RESUMING) failed", d.name)
+        _answer(chans.main, {"status": "switchover-ack"}, p.timeout)
+        ready = {n: threading.Event() for n in devs}
+        if p.multifd_channels:
+            table = ReassemblyTable(list(devs), max_queued=p.max_queued_buffers_size)
+            for i, ch in enumerate(chans.extra):
+                ch.settimeout(p.timeout)
+                t = threading.Thread(
+                    target=_receive_channel,
+                    args=(ch, table, failures, info),
+                    name=f"mfd-recv-{i}",
+                    daemon=True,
+                )
+                t.start()
+                threads.append(t)
+        loaders: list[threading.Thread] = []
+        for rec in reader:
+            cancel.check()
+            if failures:
+                raise failures[0]
+            if isinstance(rec, DataChunk):
+                devs[rec.device].call("write_all", bytes(rec.data))
+                info.received_bytes += len(rec.data)
+            elif isinstance(rec, SwitchoverStart) and table is not None:
+                for d in devs.values():  # R9.4: the load threads start here
+                    t = threading.Thread(
+                        target=_load_device,
+                        args=(d, table, ready[d.name], cai, p, cancel, failures, info),
+                        name=f"mfd-load-{d.name}",
+                        daemon=True,
+                    )
+                    t.start()
+                    loaders.append(t)
+            elif isinstance(rec, Config):
+                devs[rec.device].load_config(bytes(rec.config))
+            elif isinstance(rec, ConfigLoadReady):
+                ready[rec.device].set()
+            elif isinstance(rec, Eof):
+                break
+        deadline = time.monotonic() + p.timeout
+        for t in loaders + threads:
+            while t.is_alive() and time.monotonic() < deadline and not failures:
+                t.join(0.05)
+            if t.is_alive() and not failures:
+                raise MigrationError(
+                    f"{t.name} did not finish in time", "load", "target"
+                )
+        if failures:
+            raise failures[0]
+        info.load_ms = (time.monotonic_ns() - t_load) / 1e6
+        stage("check")
+        # Reject bad device data before the VM starts; every device checks
+        # its own data where it lives, in parallel.
+        _parallel(list(devs.values()), "check_resume", p.timeout)
+        stage("start")
+        n_err = len(machine.errors)
+        machine.vm_start()
+        started = True
+        info.resumed_ns = time.monotonic_ns()
+        start = machine.last_report
+        info.start_ms = start.ms
+        for d in devs.values():
+            info.timeline.extend(
+                Span(d.name, f"start {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns)
+                for a in start.arcs.get(d.name, [])
+            )
+        errs = _device_errors(machine, n_err)
+        for d in devs.values():
+            info.checksums[d.name] = d.checksum()
+        info.status = "completed" if not errs else "failed"
+        answer: dict[str, Any] = {
+            "status": info.status,
+            "stage": "start",
+            "error": "; ".join(errs) or None,
+            "resumed_ns": info.resumed_ns,
+            "start_ms": info.start_ms,
+            "boot_id": _boot_id(),
+            "checksums": info.checksums,
+            "timeline": [asdict(s) for s in info.timeline],
+        }
+        _answer(chans.main, answer, p.timeout)
+        for d in devs.values():  # R9.6: load_cleanup after the start
+            d.call("load_cleanup")
+        if errs:
+            raise MigrationError("; ".join(errs), "start", "target")
+        say(f"incoming migration completed: {len(devs)} devices running")
+        return info
+    except BaseException as exc:
+        info.status = "failed"
+        info.error = str(exc)
+        if table is not None:
+            table.cancel(f"migration failed: {exc}")
+        if chans is not None:
+            with contextlib.suppress(Exception):
+                _answer(
+                    chans.main,
+                    {"status": "failed", "stage": info.stage, "error": str(exc)},
+                    1.0,
+                )
+            chans.close()
+        if not started:
+            for d in devs.values():  # the target VM never runs this state
+                with contextlib.suppress(MpvfioError):
+                    d.call("reset")
+        if isinstance(exc, MigrationError):
+            raise
+        if isinstance(exc, Exception):
+            raise MigrationError(str(exc), info.stage, "target") from exc
+        raise
+    finally:
+        for t in threads:
+            t.join(1.0)
+        if chans is not None:
+            chans.close()
+        if own:
+            listener.close()
+
+
+def _parallel(devs: list[VFIODevice], method: str, timeout: float) -> None:
+    """Run one device operation on every device at once; raise the first error."""
+    errors: list[BaseException] = []
+
+    def run(d: VFIODevice) -> None:
+        try:
+            d.call(method, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(d,), name=f"{method}-{d.name}") for d in devs
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    if any(t.is_alive() for t in threads):
+        raise MigrationError(
+            f"{method} did not finish within {timeout} s", "check", "target"
+        )
+    if errors:
+        raise errors[0]
+
+
+def _receive_channel(
+    ch: Any, table: ReassemblyTable, failures: list[BaseException], info: IncomingInfo
+) -> None:
+    """One multifd channel: frames into the per-device reassembly (R10.5)."""
+    f = ch.makefile("rb", buffering=1 << 20)
+    try:
+        while True:
+            frame = read_frame(f)
+            if frame is None:
+                return
+            table.add_frame(*frame)
+            info.received_bytes += len(frame[1].data)
+    except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        failures.append(exc)
+        table.cancel(f"channel failed: {exc}")
+    finally:
+        with contextlib.suppress(OSError):
+            f.close()
+
+
+def _load_device(
+    d: VFIODevice,
+    table: ReassemblyTable,
+    ready: threading.Event,
+    cai: bool,
+    p: MigrationParams,
+    cancel: Cancel,
+    failures: list[BaseException],
+    info: IncomingInfo,
+) -> None:
+    """R10.6: write the device's data in idx order, then its config."""
+    start = time.monotonic_ns()
+    try:
+        r = table[d.name]
+        while True:
+            chunk = r.next_chunk(timeout=p.timeout)
+            if chunk is None:
+                break
+            d.call("write_all", chunk)
+        if cai:  # R10.7: wait for DEV_CONFIG_LOAD_READY, honour cancellation
+            deadline = time.monotonic() + p.timeout
+            while not ready.wait(0.05):
+                cancel.check()
+                if failures:
+                    return
+                if time.monotonic() > deadline:
+                    raise MigrationError(
+                        f"{d.name}: no DEV_CONFIG_LOAD_READY within {p.timeout} s",
+                        "load",
+                        "target",
+                    )
+        d.load_config(decode_config_state(r.config(), d.name))
+        info.timeline.append(Span(d.name, "load", start, time.monotonic_ns()))
+    except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+        failures.append(exc)
+        table.cancel(f"{d.name}: {exc}")
