@@ -136,6 +136,11 @@ def _arm(
     return failing
 
 
+def _failed_devices(machine: Machine, since: int) -> set[str]:
+    """Devices named by the errors recorded since index ``since``."""
+    return {str(getattr(e, "device", "")) for e in machine.errors[since:]}
+
+
 def _check_round(
     machine: Machine,
     running: bool,
@@ -144,7 +149,7 @@ def _check_round(
     where: str,
     out: list[str],
 ) -> None:
-    for v in event_order_violations(events, running):
+    for v in event_order_violations(events, running, failing):
         out.append(f"{where}: event order: {v}")
     for d in machine.devices:
         cached = d.state
@@ -203,19 +208,17 @@ def run_stress(
                 events.clear()
                 machine.vm_stop(RunState.PAUSED)
                 result.stop_ms.append(machine.last_report.ms)
+                failed = failing | _failed_devices(machine, n_err)
                 _check_round(
-                    machine,
-                    False,
-                    failing,
-                    events,
-                    f"round {i} stop",
-                    result.violations,
+                    machine, False, failed, events, f"round {i} stop", result.violations
                 )
                 events.clear()
+                n_mid = len(machine.errors)
                 machine.vm_start()
                 result.start_ms.append(machine.last_report.ms)
+                failed = failing | _failed_devices(machine, n_mid)
                 _check_round(
-                    machine, True, set(), events, f"round {i} start", result.violations
+                    machine, True, failed, events, f"round {i} start", result.violations
                 )
             after = [d.checksum() for d in machine.devices]
             for d, b, a in zip(machine.devices, before, after, strict=True):
