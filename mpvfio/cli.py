@@ -52,7 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_incoming(subparsers)
     _add_stress(subparsers)
     _add_device_server(subparsers)
+    _add_run(subparsers)
     return parser
+
+
+def _add_run(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
+    from mpvfio.qmp.run import add_arguments
+
+    p = subparsers.add_parser(
+        "run",
+        help="a long-running VM process that serves QMP (drive it like QEMU)",
+    )
+    add_arguments(p)
 
 
 def _add_stress(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
