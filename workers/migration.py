@@ -17,6 +17,7 @@ across workers, a thread lock in the parent), so frames never interleave.
 from __future__ import annotations
 
 import errno as _errno
+import os
 import socket
 import time
 from typing import Any, Protocol
@@ -158,8 +159,6 @@ def worker_call(worker: Any, method: str, args: tuple[Any, ...], fds: list[int])
     finally:
         for fd in fds:
             try:
-                import os
-
                 os.close(fd)
             except OSError:
                 pass

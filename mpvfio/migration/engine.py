@@ -17,24 +17,34 @@ Source (:func:`migrate`), in QEMU's order (../shared/spec/QEMU.md R8, §13)::
     (ack)     before the stop the source waits for the target's
               switchover-ack (its devices are RESUMING), as QEMU's
               switchover-ack capability does
-    complete  EOF, then the target's answer on the main channel: downtime
-              = target VM running - source vm_stop (one host's
-              CLOCK_MONOTONIC when both run on this machine); save_cleanup
-              (STOP_COPY -> STOP) runs after, outside the downtime window
+    complete  EOF; the target answers "loaded" (every device's data is in
+              and checked); the source commits with "go" (the last point
+              where a cancel or a failure still restarts the source); the
+              target starts its VM and answers: downtime = target VM
+              running - source vm_stop (one host's CLOCK_MONOTONIC when both
+              run on this machine); save_cleanup (STOP_COPY -> STOP) runs
+              after, outside the downtime window
 
 Target (:func:`incoming`): load_setup (-> RESUMING), sections loaded as they
 arrive (multifd packets reassembled per device in idx order, bounded by
 ``x-migration-max-queued-buffers-size``), the config loaded last (after
 DEV_CONFIG_LOAD_READY with ``x-migration-load-config-after-iter``), the
-devices' data checked, then vm_start (RESUMING -> RUNNING_P2P -> RUNNING),
-the answer to the source, and load_cleanup after the start (R9.6).
+devices' data checked, "loaded" to the source, then, on the source's "go",
+vm_start (RESUMING -> RUNNING_P2P -> RUNNING), the answer to the source, and
+load_cleanup after the start (R9.6).
 
-Failure and cancel: on any error (target gone, connection dropped, stream
-error, data rejected by the target, cancel) the source takes QEMU's failed
-path (R7.2): restart the VM if it was stopped (STOP_COPY -> RUNNING_P2P ->
-RUNNING), save_cleanup, then the FAILED notifier puts every device in
-RUNNING; its device state is unchanged.  The target resets its devices and
-never starts its VM.  :class:`MigrationError` names the stage.
+Failure and cancel: on any error before the commit (target gone, connection
+dropped, stream error, data rejected by the target, cancel) the source takes
+QEMU's failed path (R7.2): restart the VM if it was stopped (STOP_COPY ->
+RUNNING_P2P -> RUNNING), save_cleanup, then the FAILED notifier puts every
+device in RUNNING; its device state is unchanged.  The target resets its
+devices and never starts its VM.  :class:`MigrationError` names the stage.
+
+The commit ("go") keeps the VM from ever running on both sides: without it
+the target would start on EOF while a source that fails or is cancelled
+afterwards restarts too.  After "go" the source restarts only if the target
+answers that it did not start; if the answer is lost (or the target started
+with device errors) the source stays stopped (postmigrate) and raises.
 """
 
 from __future__ import annotations
@@ -58,13 +68,19 @@ from mpvfio.errors import (
     UsageError,
 )
 from mpvfio.machine import Machine, Mode, VFIODevice
-from mpvfio.migration.multifd import ReassemblyTable, read_frame
+from mpvfio.migration.multifd import (
+    PACKET_HEADER,
+    MultifdError,
+    ReassemblyTable,
+    read_frame,
+)
 from mpvfio.migration.stream import (
     Config,
     ConfigLoadReady,
     DataChunk,
     Eof,
     Hello,
+    StreamError,
     StreamReader,
     StreamWriter,
     SwitchoverStart,
@@ -76,6 +92,8 @@ from mpvfio.migration.transport import (
     Cancel,
     Channels,
     Listener,
+    TransportCancelled,
+    TransportError,
     accept_channels,
     listen,
     open_channels,
@@ -99,6 +117,9 @@ __all__ = [
 _log = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
 _MAX_ANSWER = 1 << 20
+#: Largest multifd packet a target accepts: one <= 1 MiB data chunk (R11.4)
+#: or the config packet, plus the 12-byte header.
+_MAX_PACKET = DATA_BUFFER_SIZE + PACKET_HEADER.size
 STAGES = ("setup", "precopy", "stop", "data", "config", "complete")
 
 
@@ -116,6 +137,8 @@ class MigrationError(MpvfioError):
         super().__init__(message, stage, side)
         self.stage = stage
         self.side = side
+        #: :func:`mpvfio.migration.local.run_local`: the forked target's report.
+        self.target_report: dict[str, Any] | None = None
 
     def __str__(self) -> str:
         return f"migration failed ({self.side}, stage {self.stage}): {self.args[0]}"
@@ -192,6 +215,7 @@ class MigrationInfo:
     mode: str = ""
     vfs: int = 0
     multifd_channels: int = 0
+    config_after_iter: bool = False
     downtime_ms: float = 0.0
     stop_ms: float = 0.0
     transfer_ms: float = 0.0
@@ -230,11 +254,14 @@ class IncomingInfo:
     status: str = "setup"
     stage: str = "accept"
     error: str | None = None
+    started: bool = False
+    config_after_iter: bool = False
     load_ms: float = 0.0
     config_ms: float = 0.0
     start_ms: float = 0.0
     resumed_ns: int = 0
     received_bytes: int = 0
+    channel_bytes: list[int] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)
     timeline: list[Span] = field(default_factory=list)
 
@@ -246,13 +273,19 @@ def _answer(sock: Any, payload: dict[str, Any], timeout: float) -> None:
 
 
 def _read_answer(sock: Any, timeout: float, cancel: Cancel | None) -> dict[str, Any]:
+    """One length-prefixed JSON object from the peer (``MpvfioError`` if not)."""
     deadline = time.monotonic() + timeout
     (n,) = _LEN.unpack(recv_exact(sock, 4, deadline, cancel))
     if n > _MAX_ANSWER:
-        raise MigrationError(f"target answer of {n} bytes is too large", "complete")
-    msg = json.loads(recv_exact(sock, n, deadline, cancel))
+        raise MpvfioError(f"malformed answer from the peer: {n} bytes is too large")
+    try:
+        msg = json.loads(recv_exact(sock, n, deadline, cancel))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise MpvfioError(f"malformed answer from the peer: {exc}") from None
     if not isinstance(msg, dict):
-        raise MigrationError("target answer is not a JSON object", "complete")
+        raise MpvfioError(
+            f"malformed answer from the peer: {type(msg).__name__}, not an object"
+        )
     return msg
 
 
@@ -301,11 +334,14 @@ def migrate(
 ) -> MigrationInfo:
     """Migrate a running machine's devices to the target listening on ``uri``.
 
+    :param cancel: cancel the migration from another thread; it is honoured
+        until the commit (the "go" to the target, stage ``complete``).
     :param on_stage: called with each stage name as it begins (a test hook:
         cancel or fail at a chosen stage).
     :raise MigrationBlockedError: the device set cannot migrate (R4.6).
     :raise MigrationError: it failed; the source VM runs again, its devices
-        RUNNING with their state intact.
+        RUNNING with their state intact (unless the target may be running:
+        see the module docstring).
     """
     p = params or MigrationParams()
     cancel = cancel or Cancel()
@@ -322,7 +358,9 @@ def migrate(
     )
     devs = machine.devices
     t0 = time.monotonic_ns()
-    state: dict[str, Any] = {"stopped": False, "stop_ns": 0}
+    # committed: "go" went out, the target may run the VM from now on;
+    # target_idle: the target answered that it did not start after all.
+    state: dict[str, Any] = {"stop_ns": 0, "committed": False, "target_idle": False}
     chans: Channels | None = None
     writer: _Writer | None = None
     n_err = len(machine.errors)
@@ -336,7 +374,12 @@ def migrate(
 
     try:
         stage("setup")
-        cai = resolve_config_after_iter(p.config_after_iter, machine.arch)
+        # x-migration-load-config-after-iter only matters with multifd (R10.7)
+        cai = (
+            resolve_config_after_iter(p.config_after_iter, machine.arch)
+            and p.multifd_channels > 0
+        )
+        info.config_after_iter = cai
         hello = Hello(
             tuple(d.name for d in devs), p.multifd_channels, cai, machine.arch
         )
@@ -365,18 +408,13 @@ def migrate(
         # Switchover-ack (QEMU's return-path SWITCHOVER_ACK, R9.2): the
         # target says its devices are RESUMING; stopping earlier would put
         # its load_setup into the downtime.
-        ack = _read_answer(chans.main, p.timeout, cancel)
-        if ack.get("status") != "switchover-ack":
-            raise MigrationError(
-                str(ack.get("error", f"unexpected answer {ack}")),
-                str(ack.get("stage", "")),
-                "target",
-            )
+        _expect(
+            _read_answer(chans.main, p.timeout, cancel), "switchover-ack", "precopy"
+        )
 
         stage("stop")
         state["stop_ns"] = time.monotonic_ns()
         machine.vm_stop(RunState.FINISH_MIGRATE)
-        state["stopped"] = True
         stop = machine.last_report
         info.stop_ms = stop.ms
         for d in devs:
@@ -416,41 +454,55 @@ def migrate(
         info.config_ms = (time.monotonic_ns() - t_cfg) / 1e6
 
         stage("complete")
-        answer = _read_answer(chans.main, p.timeout, cancel)
+        _expect(_read_answer(chans.main, p.timeout, cancel), "loaded", "complete")
+        cancel.check()  # the last point a cancel is honoured
+        # The target starts only on the whole "go"; if this send raises, it
+        # never got it (a partial message is not a "go").
+        _answer(chans.main, {"status": "go"}, p.timeout)
+        state["committed"] = True
+        answer = _read_answer(chans.main, p.timeout, None)
         if answer.get("status") != "completed":
-            raise MigrationError(
-                str(answer.get("error", "target failed")),
-                str(answer.get("stage", "")),
-                "target",
-            )
-        resumed = int(answer.get("resumed_ns", 0))
-        now = time.monotonic_ns()
-        same_host = answer.get("boot_id") == _boot_id() and resumed > 0
-        end = resumed if same_host else now
-        info.downtime_ms = (end - state["stop_ns"]) / 1e6
-        info.start_ms = float(answer.get("start_ms", 0.0))
-        info.target_checksums = dict(answer.get("checksums", {}))
-        for span in answer.get("timeline", []):
-            info.timeline.append(Span(**span))
-        if not same_host:
-            info.notes.append("downtime measured at the source (different hosts)")
+            state["target_idle"] = answer.get("started") is False
+            _expect(answer, "completed", "complete")
+        # The target runs the VM now: nothing below may fail the migration.
+        _take_answer(info, answer, state["stop_ns"])
         info.transferred_bytes = writer.bytes + info.stopcopy_bytes * (
             1 if p.multifd_channels else 0
         )
         for d in devs:  # R8.9: outside the downtime window
-            d.call("save_cleanup")
+            try:
+                d.call("save_cleanup")
+            except MpvfioError as exc:
+                info.notes.append(f"save_cleanup: {d.name}: {exc}")
         machine.vm.runstate_set(RunState.POSTMIGRATE)
         info.status = "completed"
         info.total_ms = (time.monotonic_ns() - t0) / 1e6
         say(f"completed: downtime {info.downtime_ms:.1f} ms")
         return info
     except BaseException as exc:
-        info.status = "cancelled" if cancel.cancelled else "failed"
+        cancelled = cancel.cancelled and not state["committed"]
+        info.status = "cancelled" if cancelled else "failed"
         info.error = str(exc)
         reason = exc
-        if chans is not None and not isinstance(exc, MigrationError):
+        if chans is not None and not cancelled and _peer_trouble(exc):
             reason = _target_reason(chans, exc)
-        _rollback(machine, bool(state["stopped"]), info)
+        if chans is not None:  # before the rollback: a loading target fails now
+            chans.close()
+        if state["committed"] and not state["target_idle"]:
+            _abandon(machine, info)
+            detail = (
+                reason.args[0] if isinstance(reason, MigrationError) else str(reason)
+            )
+            msg = (
+                f"{detail}; the target was told to start, so this VM stays "
+                "stopped (postmigrate) and never runs twice"
+            )
+            info.error = msg
+            info.total_ms = (time.monotonic_ns() - t0) / 1e6
+            stage_name = getattr(reason, "stage", "") or info.stage
+            side = getattr(reason, "side", "source")
+            raise MigrationError(msg, stage_name, side) from exc
+        _rollback(machine, info)
         info.total_ms = (time.monotonic_ns() - t0) / 1e6
         if isinstance(reason, MigrationError):
             raise reason from exc
@@ -458,22 +510,83 @@ def migrate(
             raise MigrationError(str(exc), info.stage) from exc
         raise
     finally:
+        if chans is not None:  # first: a blocked flush then fails at once
+            chans.close()
         if writer is not None:
             writer.close()
-        if chans is not None:
-            chans.close()
+
+
+def _take_answer(info: MigrationInfo, answer: dict[str, Any], stop_ns: int) -> None:
+    """The target's final report: downtime, checksums, its timeline."""
+    try:
+        resumed = int(answer.get("resumed_ns") or 0)
+        same_host = answer.get("boot_id") == _boot_id() and resumed > 0
+        end = resumed if same_host else time.monotonic_ns()
+        info.downtime_ms = (end - stop_ns) / 1e6
+        if not same_host:
+            info.notes.append("downtime measured at the source (different hosts)")
+        info.start_ms = float(answer.get("start_ms") or 0.0)
+        info.target_checksums = {
+            str(k): str(v) for k, v in dict(answer.get("checksums") or {}).items()
+        }
+        for span in answer.get("timeline") or []:
+            info.timeline.append(
+                Span(
+                    str(span["device"]),
+                    str(span["what"]),
+                    int(span["start_ns"]),
+                    int(span["end_ns"]),
+                )
+            )
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        info.notes.append(f"malformed completion report from the target: {exc!r}")
+
+
+def _expect(msg: dict[str, Any], status: str, stage: str) -> None:
+    """The target's answer must say ``status``; else raise what it said."""
+    if msg.get("status") == status:
+        return
+    if msg.get("status") == "failed":
+        raise MigrationError(
+            str(msg.get("error") or "target failed"),
+            str(msg.get("stage", "")),
+            "target",
+        )
+    raise MigrationError(
+        f"unexpected answer from the target (wanted {status!r}): {msg}",
+        stage,
+        "source",
+    )
+
+
+def _peer_trouble(exc: BaseException) -> bool:
+    """Whether a failure came from the connection (the target may know why).
+
+    Socket and stream errors, also as the cause of a multifd sender's
+    error; not device errors, not a cancel, not what the target said.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None or isinstance(seen, TransportCancelled | DeviceError):
+            return False
+        if isinstance(seen, OSError | TransportError | StreamError | MultifdError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _target_reason(chans: Channels, exc: BaseException) -> BaseException:
     """After a send failure, the target may have said why (it closes after)."""
-    try:
-        msg = _read_answer(chans.main, 0.5, None)
-    except Exception:  # noqa: BLE001 - best effort: keep the original error
-        return exc
-    if msg.get("status") == "failed":
-        return MigrationError(
-            str(msg.get("error")), str(msg.get("stage", "")), "target"
-        )
+    deadline = time.monotonic() + 0.5
+    for _ in range(3):  # an ack or "loaded" may come before the failure
+        try:
+            msg = _read_answer(chans.main, max(0.01, deadline - time.monotonic()), None)
+        except Exception:  # noqa: BLE001 - best effort: keep the original error
+            return exc
+        if msg.get("status") == "failed":
+            return MigrationError(
+                str(msg.get("error")), str(msg.get("stage", "")), "target"
+            )
     return exc
 
 
@@ -619,15 +732,29 @@ def _send_multifd(
         threading.Thread(target=run, args=(i, d), name=f"mfd-send-{d.name}")
         for i, d in enumerate(devs)
     ]
+    started: list[threading.Thread] = []
     try:
         for t in threads:
             t.start()
+            started.append(t)
         for d in devs:  # R8.7: the main thread's save_complete writes EOS only
             w.section_end(d.name)
-        for t in threads:
-            t.join(p.timeout + 10)
+        deadline = time.monotonic() + p.timeout + 10
+        for t in started:
+            t.join(max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        # The main channel failed: stop the senders (a shut down channel
+        # fails their next send) before the rollback touches the devices.
+        for ch in chans.extra:
+            with contextlib.suppress(OSError):
+                ch.shutdown(socket.SHUT_RDWR)
+        raise
     finally:
+        deadline = time.monotonic() + p.timeout + 10
+        for t in started:
+            t.join(max(0.0, deadline - time.monotonic()))
         if machine.mode == Mode.WORKERS and reg is not None:
+            # the workers opened the semaphores by name: they keep their own
             from mpvfio.ipc import _posix
 
             for sem, lock_name in zip(created, locks, strict=True):
@@ -647,22 +774,40 @@ def _send_multifd(
             ch.shutdown(socket.SHUT_WR)
 
 
-def _rollback(machine: Machine, stopped: bool, info: MigrationInfo) -> None:
-    """QEMU's failed path (R7.2): restart, save_cleanup, FAILED -> RUNNING."""
+def _rollback(machine: Machine, info: MigrationInfo) -> None:
+    """QEMU's failed path (R7.2): restart, save_cleanup, FAILED -> RUNNING.
+
+    The VM is restarted whenever it is not running: :func:`migrate` starts
+    from a running VM, so a stop can only be the migration's own (even one
+    that raised half way).
+    """
     try:
-        if stopped and machine.vm.runstate != RunState.RUNNING:
-            machine.vm_start()
-        for d in machine.devices:
-            with contextlib.suppress(MpvfioError):
-                d.call("save_cleanup")
-        for d in machine.devices:  # the migration notifier on FAILED (R7.1)
-            with contextlib.suppress(MpvfioError):
-                d.call("set_state", int(MigState.RUNNING))
         if machine.vm.runstate != RunState.RUNNING:
-            machine.vm.runstate_set(RunState.RUNNING)
+            machine.vm_start()
     except MpvfioError as exc:
         info.notes.append(f"rollback trouble: {exc}")
-        _log.error("rollback after a failed migration: %s", exc)
+        _log.error("rollback after a failed migration: vm_start: %s", exc)
+    for d in machine.devices:
+        with contextlib.suppress(MpvfioError):
+            d.call("save_cleanup")
+    for d in machine.devices:  # the migration notifier on FAILED (R7.1)
+        try:
+            d.call("set_state", int(MigState.RUNNING))
+        except MpvfioError as exc:
+            info.notes.append(f"rollback trouble: {d.name}: {exc}")
+            _log.error("rollback: %s: %s", d.name, exc)
+    if machine.vm.runstate != RunState.RUNNING:
+        machine.vm.runstate_set(RunState.RUNNING)
+
+
+def _abandon(machine: Machine, info: MigrationInfo) -> None:
+    """After the commit: save_cleanup (STOP_COPY -> STOP), stay postmigrate."""
+    for d in machine.devices:
+        try:
+            d.call("save_cleanup")
+        except MpvfioError as exc:
+            info.notes.append(f"save_cleanup: {d.name}: {exc}")
+    machine.vm.runstate_set(RunState.POSTMIGRATE)
 
 
 # ------------------------------------------------------------------ target
@@ -680,8 +825,11 @@ def incoming(
     The machine is started with ``start(run=False, runstate=INMIGRATE)``;
     its devices are matched to the source's by name.
 
+    :param on_stage: called with each stage name as it begins: ``accept``,
+        ``load``, ``check``, ``start`` (a test hook).
     :raise MigrationError: the incoming migration failed; the devices are
-        reset and the VM was not started.
+        reset and the VM was not started (``IncomingInfo.started``; only
+        device errors during the start itself leave it running, as in QEMU).
     """
     p = params or MigrationParams()
     cancel = cancel or Cancel()
@@ -692,10 +840,13 @@ def incoming(
     own = isinstance(listen_on, str)
     listener = listen(listen_on) if isinstance(listen_on, str) else listen_on
     chans: Channels | None = None
+    rf: Any = None
     threads: list[threading.Thread] = []
+    loaders: list[threading.Thread] = []
     table: ReassemblyTable | None = None
     failures: list[BaseException] = []
-    started = False
+    abort = threading.Event()
+    lock = threading.Lock()
     devs = {d.name: d for d in machine.devices}
 
     def stage(name: str) -> None:
@@ -705,26 +856,64 @@ def incoming(
             on_stage(name)
         cancel.check()
 
+    def fail(exc: BaseException) -> None:
+        """A receive or load thread failed: stop everything promptly."""
+        with lock:
+            failures.append(exc)
+        abort.set()
+        if table is not None:
+            table.cancel(f"migration failed: {exc}")
+        if chans is not None:  # the main thread's read returns at once
+            with contextlib.suppress(OSError):
+                chans.main.shutdown(socket.SHUT_RD)
+
+    committed = threading.Event()
+    commit_lock = threading.Lock()
+
+    def watch_cancel() -> None:
+        """A cancel from another thread interrupts a blocked read at once."""
+        while not committed.is_set():
+            if cancel.wait(0.02):
+                with commit_lock:  # a cancel after the "go" changes nothing
+                    if not committed.is_set():
+                        fail(TransportCancelled(f"cancelled: {cancel.reason}"))
+                return
+
+    watcher = threading.Thread(target=watch_cancel, name="incoming-cancel")
     try:
         stage("accept")
         chans = accept_channels(listener, p.multifd_channels, p.timeout, cancel)
+        watcher.start()
         chans.main.settimeout(p.timeout)
         rf = chans.main.makefile("rb", buffering=1 << 20)
-        reader = StreamReader(rf, expect_devices=list(devs), check_trailing=False)
+        reader = StreamReader(
+            rf,
+            max_chunk=DATA_BUFFER_SIZE,  # R11.4: the source never sends more
+            expect_devices=list(devs),
+            expect_session=chans.session.hex(),
+            check_trailing=False,
+        )
         hello = reader.read_header()
-        cai = resolve_config_after_iter(p.config_after_iter, machine.arch)
-        if hello.config_after_iter != cai:
-            raise MigrationError(
-                f"x-migration-load-config-after-iter differs: source "
-                f"{'on' if hello.config_after_iter else 'off'}, target "
-                f"{'on' if cai else 'off'}",
-                "accept",
-                "target",
-            )
         if hello.multifd_channels != p.multifd_channels:
             raise MigrationError(
                 f"multifd channels differ: source {hello.multifd_channels}, target "
                 f"{p.multifd_channels}",
+                "accept",
+                "target",
+            )
+        # x-migration-load-config-after-iter only matters with multifd (R10.7)
+        cai = (
+            resolve_config_after_iter(p.config_after_iter, machine.arch)
+            and p.multifd_channels > 0
+        )
+        info.config_after_iter = cai
+        if hello.config_after_iter != cai:
+            raise MigrationError(
+                f"x-migration-load-config-after-iter differs: source "
+                f"{'on' if hello.config_after_iter else 'off'} (arch "
+                f"{hello.arch}), target {'on' if cai else 'off'} (arch "
+                f"{machine.arch}, property {p.config_after_iter}); set it the "
+                "same on both sides",
                 "accept",
                 "target",
             )
@@ -737,29 +926,30 @@ def incoming(
         ready = {n: threading.Event() for n in devs}
         if p.multifd_channels:
             table = ReassemblyTable(list(devs), max_queued=p.max_queued_buffers_size)
+            info.channel_bytes = [0] * len(chans.extra)
             for i, ch in enumerate(chans.extra):
                 ch.settimeout(p.timeout)
                 t = threading.Thread(
                     target=_receive_channel,
-                    args=(ch, table, failures, info),
+                    args=(ch, i, table, fail, info, lock),
                     name=f"mfd-recv-{i}",
                     daemon=True,
                 )
                 t.start()
                 threads.append(t)
-        loaders: list[threading.Thread] = []
         for rec in reader:
             cancel.check()
-            if failures:
-                raise failures[0]
+            if abort.is_set():
+                break
             if isinstance(rec, DataChunk):
                 devs[rec.device].call("write_all", bytes(rec.data))
-                info.received_bytes += len(rec.data)
+                with lock:
+                    info.received_bytes += len(rec.data)
             elif isinstance(rec, SwitchoverStart) and table is not None:
                 for d in devs.values():  # R9.4: the load threads start here
                     t = threading.Thread(
                         target=_load_device,
-                        args=(d, table, ready[d.name], cai, p, cancel, failures, info),
+                        args=(d, table, ready[d.name], cai, p, abort, fail, info),
                         name=f"mfd-load-{d.name}",
                         daemon=True,
                     )
@@ -771,25 +961,46 @@ def incoming(
                 ready[rec.device].set()
             elif isinstance(rec, Eof):
                 break
+        # qemu_loadvm_state waits for the load threads (R9.6 step 4).  The
+        # channels end first (the source shuts them after the last packet):
+        # a packet still missing then will never come.
         deadline = time.monotonic() + p.timeout
-        for t in loaders + threads:
-            while t.is_alive() and time.monotonic() < deadline and not failures:
-                t.join(0.05)
-            if t.is_alive() and not failures:
+        _wait_for(threads, deadline, abort, p.timeout)
+        if table is not None and not abort.is_set():
+            missing = [
+                f"{n} (from packet idx {table[n].next_idx})" for n in table.pending()
+            ]
+            if missing:
                 raise MigrationError(
-                    f"{t.name} did not finish in time", "load", "target"
+                    "the multifd channels ended before every packet arrived: "
+                    + ", ".join(missing),
+                    "load",
+                    "target",
                 )
-        if failures:
+        _wait_for(loaders, deadline, abort, p.timeout)
+        if abort.is_set():
             raise failures[0]
         info.load_ms = (time.monotonic_ns() - t_load) / 1e6
         stage("check")
         # Reject bad device data before the VM starts; every device checks
         # its own data where it lives, in parallel.
         _parallel(list(devs.values()), "check_resume", p.timeout)
+        # The commit: the source may still fail or be cancelled until it
+        # says "go"; starting before that could run the VM on both sides.
+        _answer(chans.main, {"status": "loaded"}, p.timeout)
+        go = _read_file_msg(rf, "its go (the switchover commit)")
+        if go.get("status") != "go":
+            raise MigrationError(
+                f"the source did not commit the switchover: {go}", "check", "target"
+            )
+        with commit_lock:
+            committed.set()
+            if abort.is_set():  # a cancel came before the "go" did
+                raise failures[0]
         stage("start")
         n_err = len(machine.errors)
+        info.started = True
         machine.vm_start()
-        started = True
         info.resumed_ns = time.monotonic_ns()
         start = machine.last_report
         info.start_ms = start.ms
@@ -805,6 +1016,7 @@ def incoming(
         answer: dict[str, Any] = {
             "status": info.status,
             "stage": "start",
+            "started": True,
             "error": "; ".join(errs) or None,
             "resumed_ns": info.resumed_ns,
             "start_ms": info.start_ms,
@@ -812,42 +1024,120 @@ def incoming(
             "checksums": info.checksums,
             "timeline": [asdict(s) for s in info.timeline],
         }
-        _answer(chans.main, answer, p.timeout)
+        with contextlib.suppress(MpvfioError):  # the source decides alone now
+            _answer(chans.main, answer, p.timeout)
         for d in devs.values():  # R9.6: load_cleanup after the start
-            d.call("load_cleanup")
+            try:
+                d.call("load_cleanup")
+            except MpvfioError as exc:  # the VM runs: report, do not fail
+                _log.error("%s: load_cleanup: %s", d.name, exc)
         if errs:
-            raise MigrationError("; ".join(errs), "start", "target")
+            raise MigrationError(
+                "the VM started with device errors: " + "; ".join(errs),
+                "start",
+                "target",
+            )
         say(f"incoming migration completed: {len(devs)} devices running")
         return info
     except BaseException as exc:
+        # a thread's failure shut the main channel: report that, not the EOF
+        primary = failures[0] if abort.is_set() and failures else exc
         info.status = "failed"
-        info.error = str(exc)
+        info.error = str(primary)
+        abort.set()
         if table is not None:
-            table.cancel(f"migration failed: {exc}")
+            table.cancel(f"migration failed: {primary}")
         if chans is not None:
             with contextlib.suppress(Exception):
                 _answer(
                     chans.main,
-                    {"status": "failed", "stage": info.stage, "error": str(exc)},
+                    {
+                        "status": "failed",
+                        "stage": info.stage,
+                        "started": info.started,
+                        "error": str(primary),
+                    },
                     1.0,
                 )
             chans.close()
-        if not started:
+        # No device call may race with the reset below.
+        _join_all(loaders + threads, p.timeout)
+        if not info.started:
             for d in devs.values():  # the target VM never runs this state
                 with contextlib.suppress(MpvfioError):
                     d.call("reset")
-        if isinstance(exc, MigrationError):
-            raise
-        if isinstance(exc, Exception):
-            raise MigrationError(str(exc), info.stage, "target") from exc
+        if isinstance(primary, MigrationError):
+            raise primary from (exc if primary is not exc else None)
+        if isinstance(primary, Exception):
+            raise MigrationError(str(primary), info.stage, "target") from primary
         raise
     finally:
-        for t in threads:
-            t.join(1.0)
+        committed.set()
+        if watcher.is_alive():
+            watcher.join()
+        _join_all(threads, 1.0)
+        if rf is not None:
+            with contextlib.suppress(OSError):
+                rf.close()
         if chans is not None:
             chans.close()
         if own:
             listener.close()
+
+
+def _read_file_msg(f: Any, what: str) -> dict[str, Any]:
+    """One length-prefixed JSON message from the main channel's reader."""
+    try:
+        head = f.read(4)
+        if len(head) < 4:
+            raise MigrationError(
+                f"the source closed the main channel before {what}", "check", "target"
+            )
+        (n,) = _LEN.unpack(head)
+        if n > _MAX_ANSWER:
+            raise MigrationError(
+                f"source message of {n} bytes is too large", "check", "target"
+            )
+        blob = f.read(n)
+    except OSError as exc:
+        raise MigrationError(
+            f"reading {what} from the source failed: {exc}", "check", "target"
+        ) from exc
+    if len(blob) < n:
+        raise MigrationError(
+            f"the source closed the main channel before {what}", "check", "target"
+        )
+    try:
+        msg = json.loads(blob)
+    except ValueError as exc:
+        raise MigrationError(f"{what}: not JSON: {exc}", "check", "target") from exc
+    if not isinstance(msg, dict):
+        raise MigrationError(f"{what}: not a JSON object", "check", "target")
+    return msg
+
+
+def _wait_for(
+    threads: list[threading.Thread],
+    deadline: float,
+    abort: threading.Event,
+    timeout: float,
+) -> None:
+    """Join ``threads`` by ``deadline``; return early once ``abort`` is set."""
+    for t in threads:
+        while t.is_alive() and time.monotonic() < deadline and not abort.is_set():
+            t.join(0.05)
+        if t.is_alive() and not abort.is_set():
+            raise MigrationError(
+                f"{t.name} did not finish within {timeout} s", "load", "target"
+            )
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            _log.error("%s still running after %.1f s", t.name, timeout)
 
 
 def _parallel(devs: list[VFIODevice], method: str, timeout: float) -> None:
@@ -876,20 +1166,27 @@ def _parallel(devs: list[VFIODevice], method: str, timeout: float) -> None:
 
 
 def _receive_channel(
-    ch: Any, table: ReassemblyTable, failures: list[BaseException], info: IncomingInfo
+    ch: Any,
+    index: int,
+    table: ReassemblyTable,
+    fail: Callable[[BaseException], None],
+    info: IncomingInfo,
+    lock: threading.Lock,
 ) -> None:
     """One multifd channel: frames into the per-device reassembly (R10.5)."""
     f = ch.makefile("rb", buffering=1 << 20)
     try:
         while True:
-            frame = read_frame(f)
+            frame = read_frame(f, max_size=_MAX_PACKET)
             if frame is None:
                 return
             table.add_frame(*frame)
-            info.received_bytes += len(frame[1].data)
+            n = len(frame[1].data)
+            with lock:
+                info.received_bytes += n
+                info.channel_bytes[index] += n
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-        failures.append(exc)
-        table.cancel(f"channel failed: {exc}")
+        fail(exc)
     finally:
         with contextlib.suppress(OSError):
             f.close()
@@ -901,8 +1198,8 @@ def _load_device(
     ready: threading.Event,
     cai: bool,
     p: MigrationParams,
-    cancel: Cancel,
-    failures: list[BaseException],
+    abort: threading.Event,
+    fail: Callable[[BaseException], None],
     info: IncomingInfo,
 ) -> None:
     """R10.6: write the device's data in idx order, then its config."""
@@ -913,12 +1210,13 @@ def _load_device(
             chunk = r.next_chunk(timeout=p.timeout)
             if chunk is None:
                 break
+            if abort.is_set():
+                return
             d.call("write_all", chunk)
         if cai:  # R10.7: wait for DEV_CONFIG_LOAD_READY, honour cancellation
             deadline = time.monotonic() + p.timeout
             while not ready.wait(0.05):
-                cancel.check()
-                if failures:
+                if abort.is_set():
                     return
                 if time.monotonic() > deadline:
                     raise MigrationError(
@@ -926,8 +1224,10 @@ def _load_device(
                         "load",
                         "target",
                     )
+        if abort.is_set():
+            return
         d.load_config(decode_config_state(r.config(), d.name))
         info.timeline.append(Span(d.name, "load", start, time.monotonic_ns()))
     except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-        failures.append(exc)
-        table.cancel(f"{d.name}: {exc}")
+        if not abort.is_set():
+            fail(exc)

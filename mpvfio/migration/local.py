@@ -6,6 +6,9 @@ listens on a UNIX socket, then runs the **source** here and migrates.  Both
 sides read the one host's CLOCK_MONOTONIC, so the downtime is measured as
 QEMU measures it: from the source's vm_stop to the target's VM running.
 
+:func:`migrate_pair` migrates between two machines of one process (the
+target in a thread), returning both sides' results: the tests' harness.
+
 :func:`compare` runs the rows of the seed's table on fresh machines:
 serial transitions, parallel transitions, parallel transitions + multifd.
 :func:`timeline_text` and :func:`timeline_png` draw where the downtime went.
@@ -14,17 +17,22 @@ serial transitions, parallel transitions, parallel transitions + multifd.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
-from dataclasses import asdict
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import multiprocess as mp
 
 from mpvfio.devices.profiles import Profile, get_profile
 from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.ipc.names import sweep_stale
 from mpvfio.machine import Machine
 from mpvfio.migration.engine import (
+    IncomingInfo,
     MigrationError,
     MigrationInfo,
     MigrationParams,
@@ -32,11 +40,20 @@ from mpvfio.migration.engine import (
     incoming,
     migrate,
 )
-from mpvfio.migration.transport import listen
+from mpvfio.migration.transport import Cancel, listen
+from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState
 
-__all__ = ["ROWS", "compare", "run_local", "timeline_png", "timeline_text"]
+__all__ = [
+    "ROWS",
+    "PairResult",
+    "compare",
+    "migrate_pair",
+    "run_local",
+    "timeline_png",
+    "timeline_text",
+]
 
 #: The --compare rows: (label, machine mode, multifd on).
 ROWS = (
@@ -70,22 +87,36 @@ def _target_main(
     arch: str | None,
     props: MigrationProps,
 ) -> None:
-    """The forked target process: listen, receive, report, exit."""
+    """The forked target process: listen, receive, report, exit.
+
+    The report says how it ended and what the target's VM and devices look
+    like afterwards (run state, whether it ever ran, device states).
+    """
     import ctypes
     import signal
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the source
-    result: dict[str, Any]
+    result: dict[str, Any] = {"ok": False, "error": "", "stage": ""}
     try:
         with _build(mode, vfs, profile, "target", arch, props) as m:
             m.start(run=False, runstate=RunState.INMIGRATE)
-            with listen(uri) as lst:
-                conn.send(("listening", lst.uri.__str__()))
-                info = incoming(m, lst, params)
-            result = {"ok": True, "info": asdict(info)}
-    except MigrationError as exc:
-        result = {"ok": False, "error": str(exc), "stage": exc.stage}
+            try:
+                with listen(uri) as lst:
+                    conn.send(("listening", str(lst.uri), os.getpid()))
+                    info = incoming(m, lst, params)
+                result = {"ok": True, "info": asdict(info)}
+            except MigrationError as exc:
+                result = {"ok": False, "error": str(exc), "stage": exc.stage}
+            result["runstate"] = str(m.vm.runstate)
+            result["ran"] = any(
+                t.new == RunState.RUNNING for t in m.vm.runstate_history
+            )
+            result["device_states"] = {
+                d.name: MigState(d.call("device_state")).name for d in m.devices
+            }
+            result["checksums"] = {d.name: d.checksum() for d in m.devices}
+            result["configs"] = {d.name: d.config.hex() for d in m.devices}
     except BaseException as exc:  # noqa: BLE001 - reported to the source side
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "stage": ""}
     with contextlib.suppress(OSError):
@@ -102,25 +133,62 @@ def run_local(
     arch: str | None = None,
     props: MigrationProps | None = None,
     progress: Any = None,
+    uri: str | None = None,
+    target_profile: Profile | str | None = None,
+    target_arch: str | None = None,
+    target_params: MigrationParams | None = None,
+    cancel: Cancel | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    on_target: Callable[[int], None] | None = None,
+    source: Machine | None = None,
 ) -> tuple[MigrationInfo, dict[str, Any]]:
     """Migrate ``vfs`` emulated VFs from a source here to a forked target.
 
+    :param uri: where the target listens (default: a UNIX socket in a fresh
+        temporary directory); ``tcp:127.0.0.1:0`` picks a free port.
+    :param target_profile: the target's device profile (default: ``profile``).
+    :param target_arch: the target's architecture (default: ``arch``).
+    :param target_params: the target's parameters (default: ``params``).
+    :param cancel: cancels the source's :func:`migrate`.
+    :param on_stage: the source's stage hook (see :func:`migrate`).
+    :param on_target: called with the target process's pid once it listens.
+    :param source: migrate this started, running machine (the caller owns
+        and closes it) instead of building one from ``mode``, ``vfs`` and
+        ``profile`` (the target is still built from them).
     :return: the source's :class:`MigrationInfo` and the target's report.
-    :raise MigrationError: the migration failed (the source rolled back).
+    :raise MigrationError: the migration failed (the source rolled back);
+        its ``target_report`` holds the target's report if it sent one.
     """
     if vfs < 1:
         raise UsageError("a migration needs at least one VF (--vfs >= 1)")
     prof = get_profile(profile) if isinstance(profile, str) else profile
+    tprof = prof
+    if target_profile is not None:
+        tprof = (
+            get_profile(target_profile)
+            if isinstance(target_profile, str)
+            else target_profile
+        )
     p = params or MigrationParams()
+    tp = target_params or p
     pr = props or MigrationProps(migration_events=True)
     tmp = tempfile.mkdtemp(prefix="mpvfio-mig-")
-    uri = f"unix:{tmp}/migrate.sock"
+    where = uri or f"unix:{tmp}/migrate.sock"
     ctx = mp.get_context("fork")
     parent, child = ctx.Pipe()
     target = ctx.Process(
         target=_target_main,
         name="mpvfio-target",
-        args=(child, uri, target_mode or mode, vfs, prof, p, arch, pr),
+        args=(
+            child,
+            where,
+            target_mode or mode,
+            vfs,
+            tprof,
+            tp,
+            target_arch or arch,
+            pr,
+        ),
     )
     target.start()
     child.close()
@@ -128,23 +196,133 @@ def run_local(
     try:
         if not parent.poll(60.0):
             raise MpvfioError("the target process did not start listening in 60 s")
-        tag, _ = parent.recv()
-        if tag != "listening":
-            raise MpvfioError(f"target process: unexpected message {tag!r}")
-        with _build(mode, vfs, prof, "source", arch, pr) as m:
-            m.start()
+        msg = parent.recv()
+        if msg[0] == "done":
+            raise MpvfioError(f"the target process failed: {msg[1].get('error')}")
+        if msg[0] != "listening":
+            raise MpvfioError(f"target process: unexpected message {msg[0]!r}")
+        bound, pid = str(msg[1]), int(msg[2])
+        if on_target is not None:
+            on_target(pid)
+        with contextlib.ExitStack() as stack:
+            m = source
+            if m is None:
+                m = stack.enter_context(_build(mode, vfs, prof, "source", arch, pr))
+                m.start()
             try:
-                info = migrate(m, uri, p, progress=progress)
-            finally:
-                if parent.poll(p.timeout + 10):
-                    _, report = parent.recv()
+                info = migrate(
+                    m, bound, p, progress=progress, cancel=cancel, on_stage=on_stage
+                )
+            except MigrationError as exc:
+                # the source closed its channels: a live target fails fast
+                exc.target_report = _report(parent, min(tp.timeout + 10, 20.0)) or None
+                raise
+            report = _report(parent, p.timeout + 10)
         return info, report
     finally:
         target.join(10.0)
         if target.is_alive():
             target.kill()
             target.join(5.0)
+        if target.exitcode != 0:
+            # a killed target cannot unlink its POSIX IPC objects: do it
+            # for it (only objects of dead processes are touched)
+            with contextlib.suppress(MpvfioError):
+                sweep_stale()
         parent.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _report(conn: Any, timeout: float) -> dict[str, Any]:
+    """The target's ``done`` report; ``{}`` if it died without one."""
+    try:
+        if not conn.poll(timeout):
+            return {}
+        msg = conn.recv()
+    except (EOFError, OSError):  # the target process is gone
+        return {}
+    if msg[0] != "done" or not isinstance(msg[1], dict):
+        return {}
+    return dict(msg[1])
+
+
+@dataclass
+class PairResult:
+    """What :func:`migrate_pair` saw on both sides."""
+
+    info: MigrationInfo | None = None
+    error: BaseException | None = None
+    target_info: IncomingInfo | None = None
+    target_error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Both sides completed."""
+        return self.error is None and self.target_error is None
+
+
+def migrate_pair(
+    source: Machine,
+    target: Machine,
+    params: MigrationParams | None = None,
+    *,
+    uri: str | None = None,
+    target_params: MigrationParams | None = None,
+    cancel: Cancel | None = None,
+    target_cancel: Cancel | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    target_on_stage: Callable[[str], None] | None = None,
+) -> PairResult:
+    """Migrate between two machines of this process: target in a thread.
+
+    ``source`` runs (``start()``), ``target`` waits (``start(run=False,
+    runstate=INMIGRATE)``); the caller owns and closes both.  The target
+    listens on ``uri`` (default: a UNIX socket in a fresh temporary
+    directory; ``tcp:127.0.0.1:0`` picks a free port).  Both sides' errors
+    are returned, not raised; the target thread is always joined (a target
+    still waiting for its channels after the source failed is cancelled).
+    """
+    p = params or MigrationParams()
+    tp = target_params or p
+    tcancel = target_cancel or Cancel()
+    tmp = tempfile.mkdtemp(prefix="mpvfio-pair-")
+    res = PairResult()
+    try:
+        lst = listen(uri or f"unix:{tmp}/migrate.sock")
+
+        def run_target() -> None:
+            try:
+                res.target_info = incoming(
+                    target, lst, tp, cancel=tcancel, on_stage=target_on_stage
+                )
+            except BaseException as exc:  # noqa: BLE001 - returned to the caller
+                res.target_error = exc
+            finally:
+                lst.close()
+
+        t = threading.Thread(target=run_target, name="mpvfio-pair-target")
+        t.start()
+        try:
+            res.info = migrate(
+                source, str(lst.uri), p, cancel=cancel, on_stage=on_stage
+            )
+        except BaseException as exc:  # noqa: BLE001 - returned to the caller
+            res.error = exc
+        finally:
+            if res.error is not None:
+                # a source that failed before connecting leaves the target
+                # waiting for channels: give it a moment, then cancel it
+                t.join(min(0.5, tp.timeout))
+                if t.is_alive():
+                    tcancel.cancel("the source gave up")
+            t.join(tp.timeout + 10)
+            if t.is_alive():
+                lst.close()
+                t.join(10)
+                if t.is_alive():
+                    raise MpvfioError("the target thread did not finish")
+        return res
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
