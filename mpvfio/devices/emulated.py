@@ -598,6 +598,7 @@ class EmulatedDevice:
         if size != len(self._state):
             raise ValueError(f"state size {size} != this device's {len(self._state)}")
         state = bytearray(size)
+        view = memoryview(blob)  # records are sliced without copying
         pos = STREAM_HEADER.size
         while pos < len(blob):
             if pos + STREAM_RECORD.size > len(blob):
@@ -606,7 +607,7 @@ class EmulatedDevice:
             pos += STREAM_RECORD.size
             if pos + length > len(blob):
                 raise ValueError(f"truncated record at offset {pos}")
-            payload = blob[pos : pos + length]
+            payload = view[pos : pos + length]
             pos += length
             if kind == REC_DATA:
                 if off + length > size:
@@ -615,7 +616,7 @@ class EmulatedDevice:
             elif kind == REC_END:
                 if pos != len(blob):
                     raise ValueError("data after the end record")
-                if hashlib.sha256(state).digest() != payload:
+                if hashlib.sha256(state).digest() != bytes(payload):
                     raise ValueError("checksum mismatch (missing or corrupt data)")
                 return state
             else:

@@ -426,8 +426,6 @@ def migrate(
         if errs:  # R6.1: the error fails the outgoing migration
             raise MigrationError("; ".join(errs), "stop")
         info.status = "device"
-        for d in devs:
-            info.checksums[d.name] = d.checksum()
         w.cmd_switchover_start()
 
         stage("data")
@@ -466,6 +464,10 @@ def migrate(
             _expect(answer, "completed", "complete")
         # The target runs the VM now: nothing below may fail the migration.
         _take_answer(info, answer, state["stop_ns"])
+        # The source's state is frozen since the stop (STOP_COPY): its
+        # checksum is taken now, outside the downtime it would otherwise add.
+        for d in devs:
+            info.checksums[d.name] = d.checksum()
         info.transferred_bytes = writer.bytes + info.stopcopy_bytes * (
             1 if p.multifd_channels else 0
         )
