@@ -228,6 +228,32 @@ def _add_device_server(subparsers: _Subparsers[argparse.ArgumentParser]) -> None
     p.set_defaults(func=vfio_user_server.run)
 
 
+def _cmd_seed_table(args: argparse.Namespace) -> int:
+    from mpvfio import seedtable
+
+    try:
+        vfs = tuple(int(v) for v in args.vfs.split(","))
+    except ValueError:
+        raise UsageError(f"--vfs takes numbers like 1,2,4, got {args.vfs!r}") from None
+    if not vfs or min(vfs) < 1:
+        raise UsageError("--vfs needs VF counts >= 1")
+    fixed = seedtable.FIXED_MS if args.fixed_ms is None else args.fixed_ms
+    rows = seedtable.run_seed_table(
+        args.profile,
+        vfs,
+        args.rounds,
+        fixed,
+        progress=_progress(not args.quiet and not args.json),
+    )
+    if args.plot:
+        seedtable.plot(rows, args.plot)
+    if args.json:
+        print(json.dumps({"rows": [r.to_json() for r in rows]}, indent=2))
+    else:
+        print(seedtable.format_table(rows))
+    return EXIT_OK
+
+
 def _add_migration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--multifd-channels",
@@ -485,6 +511,30 @@ def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     )
     add_bench_arguments(s)
     s.set_defaults(func=run_bench_cli)
+    t = sub.add_parser(
+        "seed-table",
+        help="the seed's downtime table (1, 2, 4 VFs) beside mpvfio's rows",
+        description=(
+            "Migrate 1, 2 and 4 VFs (profile cx7) with QEMU's serial "
+            "transitions, the seed's threads, mpvfio's workers and workers + "
+            "multifd data, and print each downtime beside the seed's "
+            "measurement with the difference in %."
+        ),
+    )
+    t.add_argument("--profile", default="cx7", metavar="P")
+    t.add_argument("--vfs", default="1,2,4", metavar="N[,N...]")
+    t.add_argument("--rounds", type=_positive_int, default=1, metavar="R")
+    t.add_argument(
+        "--fixed-ms",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="the model's fixed downtime F (RAM, other devices)",
+    )
+    t.add_argument("--plot", metavar="FILE.png", help="draw it (matplotlib)")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    t.set_defaults(func=_cmd_seed_table)
 
 
 def _positive_int(text: str) -> int:

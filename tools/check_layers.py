@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "mpvfio.switchover": 4,
     "mpvfio.bench": 4,
     "mpvfio.stress": 4,
+    "mpvfio.seedtable": 4,
     "mpvfio.migration": 1,
     "mpvfio.migration.stream": 1,
     "mpvfio.migration.multifd": 1,
