@@ -683,22 +683,25 @@ def run(args: argparse.Namespace) -> int:
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         server._stop.set()
 
+    # SIGINT is handled like SIGTERM (a flag, no KeyboardInterrupt), so the
+    # signal cannot land in the middle of the clean-up.
     main_thread = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGTERM, _on_signal) if main_thread else None
+    old = (
+        {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if main_thread
+        else {}
+    )
     try:
         server.start()
         for path in server.paths:
             print(f"listening {path}", flush=True)
         print("ready", flush=True)
-        try:
-            while not server.wait(0.5):
-                pass
-        except KeyboardInterrupt:
+        while not server.wait(0.5):
             pass
     finally:
         server.stop()
-        if main_thread:
-            signal.signal(signal.SIGTERM, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
     return 0
 
 
