@@ -1,15 +1,23 @@
 """The device worker: one process per VFIO device, holding the device's fd.
 
-Layer 2 (imports mpvfio layers 0-1 only).  Data flow::
+Layer 2 (imports mpvfio layers 0-1 only).  Data flow of a notification's
+transition (PERF_LIMITS design P1; the slot words: :mod:`mpvfio.workers.slots`)::
 
     parent (handler list)                      worker (this module)
     ─────────────────────                      ────────────────────
-    cmd pipe  ── ("transition", ...) ───────▶  phase 1: -> *_P2P
+    slot: CMD_* words, post go ─────────────▶  (blocked on go) phase 1: -> *_P2P
                                                events ──▶ event pipe ──▶ parent
-                                               barrier.wait()  ◀── all P2P workers
-    barrier.wait_filled()  (P2P interlock)     phase 2: target chosen from the
+                                               slot ARRIVED; barrier.wait()
+    P2P interlock: wait for "crossed" ◀──────  last arriver, after releasing all
+                                               phase 2: target chosen from the
                                                         post-phase-1 state
-    join: cmd pipe ◀── ("ok", status) ──────   reply (state, errors, arcs)
+    join: done (alldone: the round's last) ◀── slot RES_* words (state, arcs);
+          RES_PIPE: ("ok"/"err", status) on the command pipe (errors, notes)
+
+Every other command (device calls, ``call_fds``, faults, serial ``phase``
+steps, ``exit``) is a pickled message on the command pipe followed by a post
+of ``go``; its reply comes back on the pipe.  The idle worker blocks on
+``go`` alone, with a timeout to check that its parent lives.
 
 The worker opens its own device (the emulated model lives here; later
 backends open a vfio-user socket or a kernel fd here), so the device fd lives
@@ -46,6 +54,8 @@ from mpvfio.ipc.barrier import BarrierSpec, ProcessBarrier
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import MigrationProps, VFIOMigration
 from mpvfio.vmstate import RunState
+from mpvfio.workers import slots as sl
+from mpvfio.workers.slots import SlotSpec, WorkerSlot
 
 __all__ = [
     "ARRIVED",
@@ -54,14 +64,20 @@ __all__ = [
     "EXIT_ORPHANED",
     "FAULT_KINDS",
     "FAULT_POINTS",
+    "RUNSTATES",
     "Status",
     "WorkerSpec",
     "call_device",
     "worker_main",
 ]
 
-#: Internal marker on the event channel: "phase 1 done, at the barrier".
+#: Former event-channel marker of an arrival (arrivals are now the slot's
+#: ``ARRIVED`` word); an event of this name is never delivered.
 ARRIVED = "__mpvfio_arrived__"
+#: Run states by their index: how a transition command carries its run state.
+RUNSTATES: tuple[RunState, ...] = tuple(RunState)
+#: How long an idle worker blocks before it checks that its parent lives.
+IDLE_CHECK_S = 1.0
 EXIT_ORPHANED = 3
 EXIT_BAD_COMMAND = 4
 #: Where an injected worker fault fires during a transition (or phase) command.
@@ -86,6 +102,9 @@ class WorkerSpec:
     backing: mmap.mmap | None = None
     barrier: BarrierSpec | None = None
     gate_name: str | None = None
+    slot: SlotSpec | None = None
+    #: the CPU to run on (``None``: wherever the scheduler likes)
+    cpu: int | None = None
 
 
 @dataclass
@@ -218,11 +237,14 @@ def _become_child(parent_pid: int) -> None:
 
 class _Worker:
     def __init__(self, spec: WorkerSpec, cmd: Any, ev: Any) -> None:
+        if spec.slot is None:
+            raise MpvfioError("a worker needs its shared-memory slot (WorkerSpec.slot)")
         self.spec = spec
         self.cmd = cmd
         self.ev = ev
         self.gate = _Gate(spec.gate_name) if spec.gate_name else None
         self.barrier = ProcessBarrier.attach(spec.barrier) if spec.barrier else None
+        self.slot: WorkerSlot = WorkerSlot.attach(spec.slot)
         self.device = EmulatedDevice(
             spec.name,
             spec.profile,
@@ -242,12 +264,29 @@ class _Worker:
         self._after_reply: float | None = None  # barrier timeout (phase)
         self._errors_seen = 0
         self._notes: list[str] = []
+        mv = self.slot.mv
+        self.seq = int(mv[sl.CMD_SEQ])  # commands up to here are not ours
+        mv[sl.PID] = os.getpid()
+        if spec.cpu is not None:
+            try:
+                os.sched_setaffinity(0, {spec.cpu})
+            except OSError:  # the CPU went away (hotplug, cpuset): anywhere
+                pass
+
+    def close(self) -> None:
+        if self.barrier is not None:
+            self.barrier.close()
+        if self.gate is not None:
+            self.gate.close()
+        self.slot.close()
 
     # ------------------------------------------------------------- channel
     def emit(self, event: Event) -> None:
         self.ev.send_bytes(pickle.dumps(event, _PICKLE))
+        mv = self.slot.mv
+        mv[sl.EV_COUNT] += 1  # after the write: the parent reads only whole ones
 
-    def reply(self, ok: bool, value: Any, tb: str = "") -> None:
+    def _status(self) -> Status:
         new_errors = self.mig.errors[self._errors_seen :]
         self._errors_seen = len(self.mig.errors)
         status = Status(
@@ -258,6 +297,12 @@ class _Worker:
             self._notes,
         )
         self._notes = []
+        return status
+
+    def reply(self, ok: bool, value: Any, tb: str = "") -> None:
+        self._send_reply(ok, value, tb, self._status())
+
+    def _send_reply(self, ok: bool, value: Any, tb: str, status: Status) -> None:
         msg = ("ok", value, status) if ok else ("err", value, tb, status)
         try:
             data = pickle.dumps(msg, _PICKLE)
@@ -285,11 +330,16 @@ class _Worker:
 
     # ------------------------------------------------------------ commands
     def transition(
-        self, running: bool, runstate: str, use_barrier: bool, barrier_timeout: float
+        self,
+        running: bool,
+        runstate: str | RunState,
+        use_barrier: bool,
+        barrier_timeout: float,
     ) -> None:
         """Phase 1, barrier, phase 2 (or the main step alone without P2P)."""
-        rs = RunState(runstate)
-        self.maybe_fault("before")
+        rs = runstate if isinstance(runstate, RunState) else RunState(runstate)
+        if self.fault is not None:
+            self.maybe_fault("before")
         if use_barrier:
             try:
                 self.mig.vmstate_change_prepare(running, rs)
@@ -297,23 +347,100 @@ class _Worker:
                 # (a failed reset) still arrive: the others must not wait for us
                 self._arrive(barrier_timeout)
                 raise
-            self.maybe_fault("phase1")
+            if self.fault is not None:
+                self.maybe_fault("phase1")
             self._arrive(barrier_timeout)
         self.mig.vmstate_change(running, rs)
-        self.maybe_fault("phase2")
-        self.maybe_fault("join")
+        if self.fault is not None:
+            self.maybe_fault("phase2")
+            self.maybe_fault("join")
 
     def _arrive(self, barrier_timeout: float) -> None:
-        """Phase 1 is done: tell the parent, wait for the other parties."""
-        self.emit(Event(ARRIVED, {"device": self.spec.name}))
-        self.maybe_fault("barrier")
-        assert self.barrier is not None
+        """Phase 1 is done: mark the slot, wait for the other parties."""
+        self.slot.mv[sl.ARRIVED] = self.seq
+        if self.fault is not None:
+            self.maybe_fault("barrier")
+        barrier = self.barrier
+        assert barrier is not None
         try:
-            self.barrier.wait(barrier_timeout)
+            idx = barrier.wait(barrier_timeout)
         except BarrierError as exc:
             # The parent breaks the barrier only after it removed the
             # failed party (killed it): going on is P2P-safe.
             self._notes.append(f"barrier broken ({exc}); went on to phase 2")
+            _posix.release(self.slot.crossed)  # the parent looks at once
+        else:
+            if idx == barrier.parties - 1:
+                # the last arriver, after it released the others: now the
+                # parent's P2P interlock may wake (and take this CPU)
+                _posix.release(self.slot.crossed)
+
+    def fast_transition(self) -> None:
+        """The slot's transition command; the result in the slot if it fits.
+
+        Errors, notes, an exception or too many arcs: ``RES_PIPE``, and the
+        full reply follows on the command pipe *after* the done post (a big
+        reply must not fill the pipe while the parent waits for the post).
+        """
+        mv = self.slot.mv
+        seq = self.seq
+        ok = True
+        value: Any = None
+        tb = ""
+        try:
+            self.transition(
+                bool(mv[sl.CMD_RUNNING]),
+                RUNSTATES[mv[sl.CMD_RUNSTATE]],
+                bool(mv[sl.CMD_BARRIER]),
+                mv[sl.CMD_TIMEOUT_US] / 1e6,
+            )
+        except Exception as exc:  # noqa: BLE001 - sent back to the parent
+            ok, value, tb = False, exc, traceback.format_exc()
+        mig = self.mig
+        arcs = self.device.take_arcs()
+        if (
+            ok
+            and not self._notes
+            and len(mig.errors) == self._errors_seen
+            and len(arcs) <= sl.MAX_ARCS
+        ):
+            mv[sl.RES_KIND] = sl.RES_FAST
+            mv[sl.RES_STATE] = int(mig.device_state)
+            mv[sl.RES_DATA_FD] = mig.data_fd != -1
+            mv[sl.RES_NARCS] = len(arcs)
+            i = sl.ARCS
+            for a in arcs:
+                mv[i] = a.src
+                mv[i + 1] = a.dst
+                mv[i + 2] = a.start_ns
+                mv[i + 3] = a.end_ns
+                mv[i + 4] = a.ok
+                mv[i + 5] = a.err
+                i += sl.ARC_FIELDS
+            mv[sl.DONE_SEQ] = seq
+            self._done()
+            return
+        status = self._status()
+        status.arcs[:0] = arcs
+        mv[sl.RES_KIND] = sl.RES_PIPE
+        mv[sl.DONE_SEQ] = seq
+        self._done()
+        self._send_reply(ok, value, tb, status)
+
+    def _done(self) -> None:
+        """Post this slot's done; the last of the round also posts alldone.
+
+        ``outstanding`` holds one token per running transition (the parent
+        posts it before ``go``).  Taking ours *before* the done post means a
+        joined transition never takes a token of the next notification; a
+        late alldone token only costs the parent a spurious wake-up.
+        """
+        slot = self.slot
+        _posix.try_acquire(slot.outstanding)
+        last = slot.outstanding.value == 0
+        _posix.release(slot.done)
+        if last:
+            _posix.release(slot.alldone)
 
     def phase(
         self,
@@ -346,12 +473,48 @@ class _Worker:
             return os.getpid()
         return call_device(self.mig, self.device, method, args)
 
+    def call_fds(self, method: str, args: tuple[Any, ...], nfds: int) -> Any:
+        """Receive ``nfds`` descriptors (ours from now on), run the call."""
+        from multiprocess.reduction import recv_handle
+
+        fds: list[int] = []
+        try:
+            for _ in range(nfds):
+                fds.append(recv_handle(self.cmd))
+        except BaseException:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            raise
+        from mpvfio.workers.migration import worker_call
+
+        return worker_call(self, method, args, fds)
+
+    def _wait_command(self) -> int | None:
+        """Block until the parent posts ``go``; the op, or ``None`` (stray)."""
+        go = self.slot.go
+        mv = self.slot.mv
+        while not _posix.acquire(go, IDLE_CHECK_S):
+            if os.getppid() != self.spec.parent_pid:
+                return -1
+        seq = int(mv[sl.CMD_SEQ])
+        if seq == self.seq:
+            return None  # a stray token (drained by the parent normally)
+        self.seq = seq
+        return int(mv[sl.CMD_OP])
+
     def loop(self) -> int:
         self.reply(True, ("ready", os.getpid(), int(self.mig.flags)))
         while True:
-            if not self.cmd.poll(1.0):
-                if os.getppid() != self.spec.parent_pid:
-                    return EXIT_ORPHANED
+            op = self._wait_command()
+            if op is None:
+                continue
+            if op == -1:
+                return EXIT_ORPHANED
+            if op == sl.OP_TRANSITION:
+                self.fast_transition()
                 continue
             try:
                 msg = pickle.loads(self.cmd.recv_bytes())
@@ -359,25 +522,27 @@ class _Worker:
                 return EXIT_ORPHANED
             except Exception:  # noqa: BLE001 - any undecodable command
                 return EXIT_BAD_COMMAND
-            op = msg[0]
-            if op == "exit":
+            op_name = msg[0]
+            if op_name == "exit":
                 self.device.close()
                 self.reply(True, None)
                 return 0
             try:
-                if op == "transition":
+                if op_name == "transition":
                     self.transition(*msg[1:])
                     value: Any = None
-                elif op == "phase":
+                elif op_name == "phase":
                     self.phase(*msg[1:])
                     value = None
-                elif op == "fault":
+                elif op_name == "fault":
                     self.fault = (msg[1], msg[2])
                     value = None
-                elif op == "call":
+                elif op_name == "call":
                     value = self.call(msg[1], tuple(msg[2]))
+                elif op_name == "call_fds":
+                    value = self.call_fds(msg[1], tuple(msg[2]), int(msg[3]))
                 else:
-                    raise MpvfioError(f"unknown worker command {op!r}")
+                    raise MpvfioError(f"unknown worker command {op_name!r}")
             except Exception as exc:  # noqa: BLE001 - sent back to the parent
                 self.reply(False, exc, traceback.format_exc())
             else:
@@ -396,8 +561,5 @@ def worker_main(spec: WorkerSpec, cmd: Any, ev: Any) -> None:
         cmd.send_bytes(pickle.dumps(("err", exc, traceback.format_exc(), None)))
         sys.exit(EXIT_BAD_COMMAND)
     code = worker.loop()
-    if worker.barrier is not None:
-        worker.barrier.close()
-    if worker.gate is not None:
-        worker.gate.close()
+    worker.close()
     sys.exit(code)
