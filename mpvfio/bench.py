@@ -45,6 +45,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mpvfio.argtypes import nonneg_int as _nonneg_int
+from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.devices.profiles import Profile, get_profile
 from mpvfio.errors import DeviceError, MigrationBlockedError, MpvfioError, UsageError
 from mpvfio.uapi.vfio import MigFlag, MigState
@@ -687,26 +689,6 @@ def _mode_list(text: str) -> list[str]:
             f"unknown mode(s) {', '.join(bad)}; valid: {', '.join(ALL_MODES)}"
         )
     return values
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _positive_float(text: str) -> float:

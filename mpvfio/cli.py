@@ -17,6 +17,8 @@ import sys
 from collections.abc import Callable
 
 from mpvfio import __version__
+from mpvfio.argtypes import positive_float as _positive_float
+from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.errors import MpvfioError, UsageError
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import MigState
@@ -535,26 +537,6 @@ def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     t.add_argument("--json", action="store_true", help="print one JSON object")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     t.set_defaults(func=_cmd_seed_table)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def _add_machine_options(p: argparse.ArgumentParser) -> None:

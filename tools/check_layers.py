@@ -37,6 +37,7 @@ LAYER_NAMES = [
 LAYERS: dict[str, int] = {
     "mpvfio": 0,
     "mpvfio.errors": 0,
+    "mpvfio.argtypes": 0,
     "mpvfio.events": 0,
     "mpvfio.uapi": 0,
     "mpvfio.devices": 1,

@@ -29,6 +29,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.errors import MpvfioError, UsageError
 from mpvfio.migration.transport import Listener, listen, parse_uri
 
@@ -160,16 +161,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-v", "--verbose", action="count", default=0, help="log more (-vv: debug)"
     )
     parser.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _warn_if_exposed(address: str) -> None:
