@@ -729,13 +729,18 @@ class Machine:
         d._collect_local()
 
     # ------------------------------------------------------- workers mode
+    def _current_round(self, what: str) -> _Round:
+        """The notification in progress (handlers run only inside one)."""
+        rnd = self._round
+        if rnd is None:
+            raise StateError(f"{what} outside a notification")
+        return rnd
+
     def _worker_dispatch(
         self, d: VFIODevice, prepare: bool, running: bool, state: RunState
     ) -> None:
         """First-stage prepare entry: start phase 1 + barrier + phase 2."""
-        rnd = self._round
-        if rnd is None:
-            raise StateError("dispatch outside a notification")
+        rnd = self._current_round("dispatch")
         if not rnd.barrier_ready:
             self._arm_barrier(rnd)
         self._dispatch(d, rnd, use_barrier=True)
@@ -744,9 +749,7 @@ class Machine:
         self, d: VFIODevice, prepare: bool, running: bool, state: RunState
     ) -> None:
         """First-stage main entry: only devices without P2P dispatch here."""
-        rnd = self._round
-        if rnd is None:
-            raise StateError("dispatch outside a notification")
+        rnd = self._current_round("dispatch")
         if not d.has_p2p:
             self._revive(d)
             self._dispatch(d, rnd, use_barrier=False)
@@ -755,9 +758,7 @@ class Machine:
         self, d: VFIODevice, prepare: bool, running: bool, state: RunState
     ) -> None:
         """Second-stage main entry: join the device's worker."""
-        rnd = self._round
-        if rnd is None:
-            raise StateError("join outside a notification")
+        rnd = self._current_round("join")
         if d._p2p and not rnd.filled:
             self._fill(rnd)  # relaxed interlock: wait here instead
         self._join(d, rnd)
