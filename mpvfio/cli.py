@@ -427,12 +427,12 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             m.start()
             info = migrate(m, args.to, params, progress=say)
         infos.append((args.mode, info))
-    rows = [local._row_json(label, info) for label, info in infos]
-    equal = all(info.checksums_equal for _, info in infos)
+    doc = local.rows_json(infos)
+    rows, equal = doc["rows"], doc["checksums_equal"]
     if args.timeline:
         local.timeline_png(infos[-1][1], args.timeline)
     if args.json:
-        print(json.dumps({"rows": rows, "checksums_equal": equal}, indent=2))
+        print(json.dumps(doc, indent=2))
         return EXIT_OK if equal else EXIT_FAILED
     print(
         f"migration of {args.vfs} VFs, profile {profile.name}; times in ms "

@@ -646,31 +646,22 @@ class Machine:
         if not d.has_p2p:
             pfirst = psecond = None
 
-        def lower(
+        def staged(
             stage_first: Callable[..., None] | None,
             stage_second: Callable[..., None] | None,
             prepare: bool,
+            first_on_start: bool,
         ) -> Callable[[bool, RunState], None] | None:
+            """One entry of the pair: "first" or "second" by direction.
+
+            The adj -1 entry is reached first on start and last on stop; the
+            adj +1 entry the other way round (``first_on_start=False``).
+            """
             if stage_first is None and stage_second is None:
                 return None
 
             def cb(running: bool, state: RunState) -> None:
-                fn = stage_first if running else stage_second
-                if fn is not None:
-                    fn(d, prepare, running, state)
-
-            return cb
-
-        def higher(
-            stage_first: Callable[..., None] | None,
-            stage_second: Callable[..., None] | None,
-            prepare: bool,
-        ) -> Callable[[bool, RunState], None] | None:
-            if stage_first is None and stage_second is None:
-                return None
-
-            def cb(running: bool, state: RunState) -> None:
-                fn = stage_second if running else stage_first
+                fn = stage_first if running == first_on_start else stage_second
                 if fn is not None:
                     fn(d, prepare, running, state)
 
@@ -679,8 +670,8 @@ class Machine:
         d.entries.append(
             add(
                 d.qdev,
-                cb=lower(first, second, False),
-                prepare_cb=lower(pfirst, psecond, True),
+                cb=staged(first, second, False, True),
+                prepare_cb=staged(pfirst, psecond, True, True),
                 adj=-1,
                 name=f"{d.name}:vfio-lower",
             )
@@ -688,8 +679,8 @@ class Machine:
         d.entries.append(
             add(
                 d.qdev,
-                cb=higher(first, second, False),
-                prepare_cb=higher(pfirst, psecond, True),
+                cb=staged(first, second, False, False),
+                prepare_cb=staged(pfirst, psecond, True, False),
                 adj=1,
                 name=f"{d.name}:vfio-higher",
             )
@@ -855,7 +846,6 @@ class Machine:
             )
             late = time.monotonic() > rnd.deadline
             if dead or late or lost:
-                self._collect(rnd)
                 culprits = dead + [
                     d
                     for d in rnd.parties

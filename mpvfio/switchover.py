@@ -26,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mpvfio.devices.base import ArcRecord
 from mpvfio.errors import DeviceError, MigrationBlockedError, MpvfioError
 from mpvfio.events import Event
 from mpvfio.machine import Machine, NotifyReport, VFIODevice
@@ -322,8 +321,3 @@ def _one_round(machine: Machine, index: int, say: Callable[[str], None]) -> Roun
         order,
         dev_results,
     )
-
-
-def arc_summary(arcs: list[ArcRecord]) -> str:
-    """``RUNNING>RUNNING_P2P 50.2ms, ...`` for text reports."""
-    return ", ".join(f"{a.src.name}>{a.dst.name} {a.ms:.1f}ms" for a in arcs)

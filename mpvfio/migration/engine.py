@@ -1076,7 +1076,7 @@ def incoming(
     finally:
         committed.set()
         if watcher.is_alive():
-            watcher.join()
+            watcher.join(1.0)  # it polls ``committed`` every 20 ms
         _join_all(threads, 1.0)
         if rf is not None:
             with contextlib.suppress(OSError):

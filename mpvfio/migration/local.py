@@ -357,11 +357,11 @@ def _row_json(label: str, info: MigrationInfo) -> dict[str, Any]:
     }
 
 
-def rows_json(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``--json`` document of ``migrate --local``."""
+def rows_json(infos: list[tuple[str, MigrationInfo]]) -> dict[str, Any]:
+    """The ``--json`` document of ``migrate``: one row per (label, result)."""
     return {
-        "rows": [_row_json(r["label"], r["info"]) for r in rows],
-        "checksums_equal": all(r["info"].checksums_equal for r in rows),
+        "rows": [_row_json(label, info) for label, info in infos],
+        "checksums_equal": all(info.checksums_equal for _, info in infos),
     }
 
 
