@@ -21,6 +21,11 @@ the transitions add to the downtime, for every mode side by side:
   sleep overshoot included), so ``ratio_to_ideal`` measures what the
   synchronisation adds.
 
+``transports`` runs the same configurations with the devices behind
+vfio-user sockets too: each mode's machine gets its own ``mpvfio
+device-server`` process (one emulated PF, the same profile), so the rows
+show what the socket round trips add to the in-process emulated backend.
+
 For zero-latency profiles (``instant``) the result also gives the overhead
 (downtime minus the ideal, in µs) against PERF_LIMITS.md's measured floor of
 a full two-phase round with zero work; stop + start is two such rounds.
@@ -40,6 +45,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -72,6 +78,10 @@ __all__ = [
     "main",
     "run_bench_cli",
 ]
+
+#: Where the devices live: in the workers (emulated) or behind a vfio-user
+#: device server process.
+TRANSPORTS = ("emulated", "vfio-user")
 
 #: Every mode label the benchmark knows, in table order.
 ALL_MODES = ("serial", "threads", "workers", "workers-relaxed")
@@ -167,6 +177,8 @@ class ConfigResult:
     errors: list[str] = field(default_factory=list)
     #: the serial mode's downtime median of the same profile and VF count
     serial_downtime_ms: float | None = None
+    #: ``emulated`` or ``vfio-user`` (:data:`TRANSPORTS`)
+    transport: str = "emulated"
 
     @property
     def rounds(self) -> int:
@@ -244,6 +256,7 @@ class ConfigResult:
             "mode": self.mode,
             "vfs": self.vfs,
             "profile": self.profile,
+            "transport": self.transport,
             "rounds": self.rounds,
             "stop_ms_median": _r(self.stop_ms_median),
             "stop_ms_p90": _r(self.stop_ms_p90),
@@ -288,7 +301,9 @@ class BenchResult:
     def errors(self) -> list[str]:
         """Every device error of every configuration."""
         return [
-            f"{r.profile}/{r.vfs}/{r.mode}: {e}" for r in self.results for e in r.errors
+            f"{r.profile}/{r.vfs}/{r.mode}/{r.transport}: {e}"
+            for r in self.results
+            for e in r.errors
         ]
 
     @property
@@ -296,10 +311,17 @@ class BenchResult:
         """Whether every evaluated target was met."""
         return all(t.met for t in self.targets.values())
 
-    def find(self, profile: str, vfs: int, mode: str) -> ConfigResult | None:
+    def find(
+        self, profile: str, vfs: int, mode: str, transport: str = "emulated"
+    ) -> ConfigResult | None:
         """The result of one configuration, if it ran."""
         for r in self.results:
-            if (r.profile, r.vfs, r.mode) == (profile, vfs, mode):
+            if (r.profile, r.vfs, r.mode, r.transport) == (
+                profile,
+                vfs,
+                mode,
+                transport,
+            ):
                 return r
         return None
 
@@ -366,13 +388,32 @@ def _run_config(
     seed: int,
     events: bool,
     say: Callable[[str], None],
+    transport: str = "emulated",
+    profile_spec: str | None = None,
 ) -> list[ConfigResult]:
     from mpvfio.machine import Machine
 
     zw = zero_work(profile)
-    results = {m: ConfigResult(m, vfs, profile.name, zw) for m in modes}
+    results = {
+        m: ConfigResult(m, vfs, profile.name, zw, transport=transport) for m in modes
+    }
     with ExitStack() as stack:
         machines: dict[str, Machine] = {}
+        servers: dict[str, list[str]] = {}
+        if transport == "vfio-user":
+            from mpvfio.devices.vfio_user_server import ServerProcess
+
+            if profile_spec is None:
+                raise UsageError(
+                    "the vfio-user transport needs the profile by name or JSON "
+                    "path (the device server loads it)"
+                )
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mpvfio-b-"))
+            for label in modes:  # one PF (server process) per mode's machine
+                srv = stack.enter_context(
+                    ServerProcess(f"{tmp}/{label}-vf", vfs, profile_spec, seed=seed)
+                )
+                servers[label] = srv.specs()
         # Fork the workers before anything in this process starts a thread
         # (threads mode does, PERF_LIMITS pitfall 7): workers modes first.
         for label in sorted(modes, key=lambda m: _machine_mode(m) != "workers"):
@@ -384,10 +425,13 @@ def _run_config(
                     seed=seed,
                 )
             )
-            for _ in range(vfs):
-                m.add_vfio_device(
-                    profile=profile, props=MigrationProps(migration_events=events)
-                )
+            props = MigrationProps(migration_events=events)
+            if label in servers:
+                for spec in servers[label]:
+                    m.add_vfio_device(profile=profile, spec=spec, props=props)
+            else:
+                for _ in range(vfs):
+                    m.add_vfio_device(profile=profile, props=props)
             blockers = m.migration_blockers()
             if blockers:
                 raise MigrationBlockedError("; ".join(blockers))
@@ -422,7 +466,7 @@ def _run_config(
                 else f"round {i - warmup + 1}/{rounds}"
             )
             say(
-                f"{profile.name} {vfs} VFs {what}: "
+                f"{profile.name} {vfs} VFs {transport} {what}: "
                 + " | ".join(line[m] for m in modes)
                 + " ms (stop+start)"
             )
@@ -447,6 +491,7 @@ def bench_switchover(
     seed: int = 0,
     events: bool = False,
     progress: Callable[[str], None] | None = None,
+    transports: Sequence[str] = ("emulated",),
 ) -> BenchResult:
     """Time the stop and start phases of every mode (module docstring).
 
@@ -462,6 +507,8 @@ def bench_switchover(
     :param seed: the devices' jitter seed.
     :param events: devices emit VFIO_MIGRATION events.
     :param progress: called with one line per round batch.
+    :param transports: from :data:`TRANSPORTS`; ``vfio-user`` puts each
+        mode's devices behind a device server process.
     :raise UsageError: bad arguments.
     :raise MigrationBlockedError: the profile cannot migrate with 2+ VFs.
     """
@@ -483,12 +530,20 @@ def bench_switchover(
     profs = [get_profile(p) if isinstance(p, str) else p for p in profiles]
     if not profs:
         raise UsageError("at least one profile is needed")
+    specs = [p if isinstance(p, str) else None for p in profiles]
+    trans = list(dict.fromkeys(transports))
+    bad_t = [t for t in trans if t not in TRANSPORTS]
+    if bad_t or not trans:
+        raise UsageError(
+            f"unknown transport(s) {', '.join(bad_t) or '(none)'}; valid: "
+            f"{', '.join(TRANSPORTS)}"
+        )
     say = progress or (lambda _msg: None)
     load_before = os.getloadavg()[0]
     results: list[ConfigResult] = []
     notes: list[str] = []
-    for prof in profs:
-        for n in vfs_list:
+    for prof, spec in zip(profs, specs, strict=True):
+        for n, transport in itertools.product(vfs_list, trans):
             run_modes = list(mode_list)
             skip = (
                 _skip_serial(prof, n, max_serial_vfs) if "serial" in run_modes else None
@@ -500,7 +555,7 @@ def bench_switchover(
             if not run_modes:
                 continue
             say(
-                f"{prof.name} {n} VFs: starting {', '.join(run_modes)} "
+                f"{prof.name} {n} VFs ({transport}): starting {', '.join(run_modes)} "
                 f"({warmup} warm-up + {rounds} rounds, interleaved)"
             )
             results.extend(
@@ -514,8 +569,11 @@ def bench_switchover(
                     seed,
                     events,
                     say,
+                    transport,
+                    spec,
                 )
             )
+    notes.extend(_transport_notes(results))
     settings = {
         "vfs": vfs_list,
         "profiles": [p.name for p in profs],
@@ -524,6 +582,7 @@ def bench_switchover(
         "warmup": warmup,
         "max_serial_vfs": max_serial_vfs,
         "events": events,
+        "transports": trans,
         "seed": seed,
         "cpus": os.cpu_count(),
         # other load on the machine skews every number (PERF_LIMITS pitfall 9)
@@ -533,6 +592,26 @@ def bench_switchover(
     result = BenchResult(results, {}, notes, settings)
     result.targets = evaluate_targets(result)
     return result
+
+
+def _transport_notes(results: list[ConfigResult]) -> list[str]:
+    """What vfio-user adds over in-process emulated devices, per config."""
+    base = {(r.profile, r.vfs, r.mode): r for r in results if r.transport == "emulated"}
+    notes = []
+    for r in results:
+        e = base.get((r.profile, r.vfs, r.mode))
+        if r.transport == "emulated" or e is None or not r.rounds or not e.rounds:
+            continue
+        if not e.downtime_ms_median > 0:
+            continue
+        extra = r.downtime_ms_median - e.downtime_ms_median
+        notes.append(
+            f"{r.transport} over emulated, {r.profile} {r.vfs} VFs {r.mode}: "
+            f"downtime {r.downtime_ms_median:.2f} vs {e.downtime_ms_median:.2f} ms "
+            f"({extra:+.2f} ms, x{r.downtime_ms_median / e.downtime_ms_median:.3f}"
+            ")"
+        )
+    return notes
 
 
 def evaluate_targets(result: BenchResult) -> dict[str, Target]:
@@ -555,7 +634,12 @@ def evaluate_targets(result: BenchResult) -> dict[str, Target]:
             r.serial_over_mode >= 3.8,
         )
     for r in result.results:
-        if r.mode == "workers" and r.vfs == 4 and r.zero_work:
+        if (
+            r.mode == "workers"
+            and r.vfs == 4
+            and r.zero_work
+            and r.transport == TRANSPORTS[0]
+        ):
             ovf = r.overhead_vs_floor
             out[f"{r.profile}.vfs4.workers.overhead_vs_floor"] = Target(
                 f"{r.profile} workers overhead at 4 VFs <= 3x the zero-work floor "
@@ -564,7 +648,7 @@ def evaluate_targets(result: BenchResult) -> dict[str, Target]:
                 ovf is not None and ovf <= 3.0,
             )
     for w in result.results:
-        if w.mode != "workers" or w.vfs < 4:
+        if w.mode != "workers" or w.vfs < 4 or w.transport != TRANSPORTS[0]:
             continue
         t = result.find(w.profile, w.vfs, "threads")
         if t is None or not w.downtime_ms_median > 0:
@@ -591,6 +675,7 @@ def format_text(result: BenchResult) -> str:
         "profile",
         "VFs",
         "mode",
+        "devices",
         "stop med",
         "stop p90",
         "start med",
@@ -608,6 +693,7 @@ def format_text(result: BenchResult) -> str:
             r.profile,
             str(r.vfs),
             r.mode,
+            r.transport,
             _fmt(r.stop_ms_median, ".2f"),
             _fmt(r.stop_ms_p90, ".2f"),
             _fmt(r.start_ms_median, ".2f"),
@@ -628,7 +714,7 @@ def format_text(result: BenchResult) -> str:
         max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
         for i, h in enumerate(head)
     ]
-    left = 3  # profile, VFs, mode: left-aligned
+    left = 4  # profile, VFs, mode, devices: left-aligned
 
     def line(cells: list[str]) -> str:
         return "  ".join(
@@ -772,6 +858,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="devices emit VFIO_MIGRATION events (default off)",
     )
     parser.add_argument(
+        "--transport",
+        type=_str_list,
+        default=["emulated"],
+        metavar="T[,T...]",
+        help="where the devices live: emulated (in the workers) and/or "
+        "vfio-user (behind a device-server process per mode); default emulated",
+    )
+    parser.add_argument(
         "--check-targets", action="store_true", help="exit 1 when a target is missed"
     )
     parser.add_argument(
@@ -808,6 +902,7 @@ def run_bench_cli(args: argparse.Namespace) -> int:
         seed=args.seed,
         events=args.events,
         progress=say,
+        transports=args.transport,
     )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from mpvfio import __version__
 from mpvfio.argtypes import positive_float as _positive_float
@@ -22,6 +23,10 @@ from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.errors import MpvfioError, UsageError
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import MigState
+
+if TYPE_CHECKING:  # imported lazily at run time (a fast --help)
+    from mpvfio.devices.profiles import Profile
+    from mpvfio.machine import Machine
 
 __all__ = ["build_parser", "main"]
 
@@ -344,6 +349,15 @@ def _add_migrate(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
         help="fork a target on this machine and migrate to it",
     )
     p.add_argument(
+        "--target-device",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        dest="target_devices",
+        help="with --local and --device: the target's VF (repeat, one per "
+        "--device, in the same order)",
+    )
+    p.add_argument(
         "--compare",
         action="store_true",
         help="with --local: serial, parallel and parallel+multifd rows",
@@ -395,7 +409,6 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from mpvfio.machine import Machine
     from mpvfio.migration import local
     from mpvfio.migration.engine import MigrationInfo, MigrationParams, migrate
-    from mpvfio.vfiomig import MigrationProps
 
     profile = get_profile(args.profile)
     say = _progress(not args.quiet and not args.json)
@@ -403,13 +416,27 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     assert isinstance(params, MigrationParams)
     if args.compare and not args.local:
         raise UsageError("--compare needs --local")
+    vfs = _vfs(args)
+    if args.target_devices and not args.local:
+        raise UsageError(
+            "--target-device is for --local (with --to, the target names its "
+            "own devices: mpvfio incoming --device ...)"
+        )
+    if args.local and args.devices and not args.target_devices:
+        raise UsageError(
+            "--local with --device needs the target's devices too: give "
+            "--target-device SPEC once per --device (a VF cannot be on both sides)"
+        )
+    specs = {"devices": args.devices, "target_devices": args.target_devices}
     infos: list[tuple[str, MigrationInfo]] = []
     if args.local and args.compare:
-        channels = args.multifd_channels or args.vfs
-        for r in local.compare(args.vfs, profile, params, channels, say):
+        channels = args.multifd_channels or vfs
+        for r in local.compare(vfs, profile, params, channels, say, **specs):
             infos.append((str(r["label"]), r["info"]))
     elif args.local:
-        info, _ = local.run_local(args.vfs, profile, args.mode, params, progress=say)
+        info, _ = local.run_local(
+            vfs, profile, args.mode, params, progress=say, **specs
+        )
         label = f"{args.mode}" + (" + multifd" if params.multifd_channels else "")
         infos.append((label, info))
     else:
@@ -420,10 +447,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             seed=args.seed,
             name="source",
         ) as m:
-            for i in range(args.vfs):
-                m.add_vfio_device(
-                    f"vf{i}", profile, props=MigrationProps(migration_events=True)
-                )
+            _add_vfs(m, args, profile)
             m.start()
             info = migrate(m, args.to, params, progress=say)
         infos.append((args.mode, info))
@@ -434,8 +458,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc, indent=2))
         return EXIT_OK if equal else EXIT_FAILED
+    what = "device specs" if args.devices else f"profile {profile.name}"
     print(
-        f"migration of {args.vfs} VFs, profile {profile.name}; times in ms "
+        f"migration of {vfs} VFs, {what}; times in ms "
         "(downtime = source vm_stop -> target VM running)"
     )
     _print_rows(rows)
@@ -457,7 +482,6 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
     from mpvfio.devices.profiles import get_profile
     from mpvfio.machine import Machine
     from mpvfio.migration.engine import MigrationParams, incoming
-    from mpvfio.vfiomig import MigrationProps
     from mpvfio.vmstate import RunState
 
     profile = get_profile(args.profile)
@@ -471,10 +495,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
         seed=args.seed,
         name="target",
     ) as m:
-        for i in range(args.vfs):
-            m.add_vfio_device(
-                f"vf{i}", profile, props=MigrationProps(migration_events=True)
-            )
+        _add_vfs(m, args, profile)
         m.start(run=False, runstate=RunState.INMIGRATE)
         say(f"waiting for a migration on {args.listen}")
         info = incoming(m, args.listen, params, progress=say)
@@ -540,13 +561,24 @@ def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
 
 
 def _add_machine_options(p: argparse.ArgumentParser) -> None:
-    """Options every command that builds a machine of emulated VFs takes."""
+    """Options every command that builds a machine of VFs takes."""
     p.add_argument(
         "--vfs",
         type=_positive_int,
-        default=4,
+        default=None,
         metavar="N",
         help="number of emulated VFs, each behind its own root port (default 4)",
+    )
+    p.add_argument(
+        "--device",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        dest="devices",
+        help="a VF to drive instead of --vfs emulated ones (repeat, one per "
+        "VF: vf0, vf1, ...): emulated:PROFILE, vfio-user:SOCKET_PATH (a "
+        "vfio-user server, e.g. `mpvfio device-server`) or "
+        "vfio:/dev/vfio/devices/vfioN (a kernel VFIO cdev)",
     )
     p.add_argument(
         "--profile",
@@ -627,6 +659,32 @@ def _add_switchover(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_cmd_switchover)
 
 
+def _vfs(args: argparse.Namespace) -> int:
+    """How many VFs the command drives: ``--device`` specs or ``--vfs``."""
+    if args.devices:
+        if args.vfs is not None and args.vfs != len(args.devices):
+            raise UsageError(
+                f"--vfs {args.vfs} but {len(args.devices)} --device spec(s): "
+                "give one or the other"
+            )
+        return len(args.devices)
+    return 4 if args.vfs is None else int(args.vfs)
+
+
+def _add_vfs(machine: Machine, args: argparse.Namespace, profile: Profile) -> None:
+    """Add the command's VFs: one per ``--device`` spec, else ``--vfs`` emulated."""
+    from mpvfio.vfiomig import MigrationProps
+
+    props = MigrationProps(migration_events=True)
+    if args.devices:
+        _vfs(args)
+        for i, spec in enumerate(args.devices):
+            machine.add_vfio_device(f"vf{i}", spec=spec, props=props)
+        return
+    for i in range(_vfs(args)):
+        machine.add_vfio_device(f"vf{i}", profile, props=props)
+
+
 def _progress(enabled: bool) -> Callable[[str], None]:
     def say(msg: str) -> None:
         if enabled:
@@ -639,11 +697,12 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     from mpvfio.devices.profiles import get_profile
     from mpvfio.machine import Machine
     from mpvfio.switchover import run_switchover
-    from mpvfio.vfiomig import MigrationProps
 
     profile = get_profile(args.profile)
+    vfs = _vfs(args)
     say = _progress(
-        not args.quiet and (args.rounds > 1 or profile.state_size > 1 << 24)
+        not args.quiet
+        and (args.rounds > 1 or profile.state_size > 1 << 24 or bool(args.devices))
     )
     with Machine(
         args.mode,
@@ -651,11 +710,13 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
         transition_timeout=args.timeout,
         seed=args.seed,
     ) as machine:
-        for _ in range(args.vfs):
-            machine.add_vfio_device(
-                profile=profile, props=MigrationProps(migration_events=True)
-            )
-        say(f"starting {args.vfs} VFs ({args.mode} mode, profile {profile.name})")
+        _add_vfs(machine, args, profile)
+        what = (
+            f"{vfs} device(s) " + ", ".join(args.devices)
+            if args.devices
+            else f"{vfs} VFs (profile {profile.name})"
+        )
+        say(f"starting {what} in {args.mode} mode")
         machine.start()
         result = run_switchover(machine, rounds=args.rounds, progress=say)
         last = machine.devices

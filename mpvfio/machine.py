@@ -65,9 +65,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpvfio.devices.base import ArcRecord
-from mpvfio.devices.emulated import EmulatedDevice, new_backing
+from mpvfio.devices.base import ArcRecord, DeviceBackend
+from mpvfio.devices.emulated import new_backing
 from mpvfio.devices.profiles import Profile, get_profile
+from mpvfio.devices.registry import parse_spec
 from mpvfio.errors import (
     DeviceError,
     MpvfioError,
@@ -86,7 +87,13 @@ from mpvfio.qdev import VM, Bus, Device
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vfiomig import MigrationProps, VFIOMigration, check_multiple_devices
 from mpvfio.vmstate import RunState, VMChangeStateEntry
-from mpvfio.workers.device import RUNSTATES, Status, WorkerSpec, call_device
+from mpvfio.workers.device import (
+    RUNSTATES,
+    Status,
+    WorkerSpec,
+    call_device,
+    open_device,
+)
 from mpvfio.workers.pool import (
     WATCH_SLICE_S,
     SentinelWatch,
@@ -160,6 +167,7 @@ class VFIODevice:
         props: MigrationProps,
         pf: str,
         key: str,
+        spec: str | None = None,
     ) -> None:
         self.machine = machine
         self.qdev = qdev
@@ -169,9 +177,15 @@ class VFIODevice:
         self.props = props
         self.pf = pf
         self.key = key
+        #: ``vfio-user:PATH`` / ``vfio:PATH``; ``None`` for the emulated VF
+        self.spec = spec
+        #: which backend drives it: ``emulated``, ``vfio-user`` or ``vfio``
+        self.backend = parse_spec(spec)[0] if spec else "emulated"
         #: The device's config state (PCI config space), owned by the VM
         #: side like QEMU's vfio-pci model; migrated after the data (R8.8).
         self.config = make_config(key)
+        # an emulated VF's flags are its profile's; a real device's are read
+        # from it when it is opened (start())
         self.flags = MigFlag(profile.flags)
         self._p2p = bool(self.flags & MigFlag.P2P)
         self.index = len(machine.devices)  # its slot in workers mode
@@ -180,7 +194,7 @@ class VFIODevice:
         self.entries: list[VMChangeStateEntry] = []
         # in-process (serial / threads)
         self.mig: VFIOMigration | None = None
-        self.device: EmulatedDevice | None = None
+        self.device: DeviceBackend | None = None
         self._thread: threading.Thread | None = None
         # workers
         self.worker: WorkerHandle | None = None
@@ -214,6 +228,11 @@ class VFIODevice:
         if self.mig is not None:
             return self.mig.device_state
         return self._state
+
+    def _opened(self, flags: MigFlag) -> None:
+        """The device is open: its migration flags are now known."""
+        self.flags = MigFlag(flags)
+        self._p2p = bool(self.flags & MigFlag.P2P)
 
     # -------------------------------------------------------------- status
     def _apply(self, status: Status | None) -> None:
@@ -343,12 +362,19 @@ class _ThreadGate:
 
 
 def _no_result(
-    fn: Callable[[bool, RunState], int],
+    fn: Callable[[bool, RunState], int], d: VFIODevice
 ) -> Callable[[bool, RunState], None]:
-    """A VFIO handler as QEMU registers it: a ``cb``, not a ``cb_ret`` (R2.5)."""
+    """A VFIO handler as QEMU registers it: a ``cb``, not a ``cb_ret`` (R2.5).
+
+    A device error it raises (a reset that failed after a failed arc: QEMU's
+    hw_error) is recorded on the device, as a worker reports it at the join.
+    """
 
     def cb(running: bool, state: RunState) -> None:
-        fn(running, state)
+        try:
+            fn(running, state)
+        except MpvfioError as exc:
+            d._error(exc)
 
     return cb
 
@@ -443,17 +469,28 @@ class Machine:
     def add_vfio_device(
         self,
         name: str | None = None,
-        profile: Profile | str = "instant",
+        profile: Profile | str | None = None,
         *,
+        spec: str | None = None,
         props: MigrationProps | None = None,
         pf: str = "pf0",
         bus: Bus | None = None,
         key: str | None = None,
     ) -> VFIODevice:
-        """Add an emulated VF (before :meth:`start`).
+        """Add a VF (before :meth:`start`): emulated, or a real device's spec.
 
         :param name: qdev id (default ``vfN``).
-        :param profile: a :class:`Profile` or a profile name / JSON path.
+        :param profile: an emulated VF's :class:`Profile` or profile name /
+            JSON path (default ``instant``).  With a ``vfio-user:``/``vfio:``
+            ``spec`` it only says what the device is expected to behave
+            like (the benchmarks' ideal); default: a profile named after
+            the backend.
+        :param spec: a device spec (:mod:`mpvfio.devices.registry`):
+            ``emulated:PROFILE`` (same as ``profile=``),
+            ``vfio-user:SOCKET_PATH`` or ``vfio:/dev/vfio/devices/vfioN``.
+            The device is opened where it is driven: in its worker in
+            workers mode, in this process otherwise; its migration flags
+            are read from it then.
         :param props: migration properties (events, parallel states).
         :param pf: the PF it belongs to (shares its concurrency limit).
         :param bus: where to plug it (default: behind its own root port,
@@ -462,6 +499,22 @@ class Machine:
         """
         if self._started:
             raise StateError("devices are added before Machine.start()")
+        backend_spec: str | None = None
+        if spec is not None:
+            scheme, rest = parse_spec(spec)
+            if scheme == "emulated":
+                if profile is not None:
+                    raise UsageError(
+                        f"device spec {spec!r} names its profile: do not pass "
+                        "profile= as well"
+                    )
+                profile = rest
+            else:
+                backend_spec = spec
+                if profile is None:
+                    profile = Profile(name=scheme)
+        if profile is None:
+            profile = "instant"
         prof = get_profile(profile) if isinstance(profile, str) else profile
         name = name or f"vf{len(self.devices)}"
         if bus is None:
@@ -474,6 +527,7 @@ class Machine:
             props or MigrationProps(),
             pf,
             key or f"{self.name}/{name}",
+            backend_spec,
         )
         self.devices.append(dev)
         return dev
@@ -529,11 +583,12 @@ class Machine:
         gates: dict[str, _ThreadGate] = {}
         for d in self.devices:
             gate = None
-            if d.profile.pf_concurrency:
+            if d.spec is None and d.profile.pf_concurrency:
                 gate = gates.setdefault(d.pf, _ThreadGate(d.profile.pf_concurrency))
-            d.device = EmulatedDevice(
-                d.name, d.profile, key=d.key, gate=gate, seed=self.seed
+            d.device = open_device(
+                d.name, d.profile, d.spec, key=d.key, gate=gate, seed=self.seed
             )
+            d._opened(d.device.migration_flags())
             d.mig = VFIOMigration(
                 d.device,
                 d.name,
@@ -549,14 +604,15 @@ class Machine:
         # the slot table's three shared ones (outstanding, alldone, crossed)
         check_limits(len(self.devices), sems_per_worker=4, fds_per_worker=4)
         self.registry = NameRegistry()
-        # Serial (parallel-states off) P2P devices are parties too (_sync_phase).
-        n_p2p = sum(1 for d in self.devices if d.has_p2p)
+        # Serial (parallel-states off) P2P devices are parties too (_sync_phase);
+        # a real device may turn out to have P2P once its worker opened it.
+        n_p2p = sum(1 for d in self.devices if d.has_p2p or d.spec is not None)
         self.barrier = ProcessBarrier.create(
             self.registry.prefix, self.registry, max(1, n_p2p)
         )
         limits: dict[str, int] = {}
         for d in self.devices:
-            if d.profile.pf_concurrency:
+            if d.spec is None and d.profile.pf_concurrency:
                 limits[d.pf] = min(limits.get(d.pf, 1 << 30), d.profile.pf_concurrency)
         for pf, limit in limits.items():
             name = self.registry.name(f"pf-{pf}")
@@ -567,9 +623,13 @@ class Machine:
             cpus = sorted(os.sched_getaffinity(0))
             self._cpus = cpus if len(cpus) > 1 else []
         for d in self.devices:
-            d.backing = new_backing(d.profile.state_size, d.key)
+            if d.spec is None:  # the emulated state outlives its worker
+                d.backing = new_backing(d.profile.state_size, d.key)
             d.worker = self._handle(d)
         start_workers([d.worker for d in self.devices if d.worker is not None])
+        for d in self.devices:
+            if d.worker is not None:
+                d._opened(MigFlag(d.worker.flags))
 
     def _handle(self, d: VFIODevice) -> WorkerHandle:
         assert self.slots is not None
@@ -595,6 +655,7 @@ class Machine:
             gate_name=gate,
             slot=self.slots[d.index].spec,
             cpu=self._cpus[d.index % len(self._cpus)] if self._cpus else None,
+            device_spec=d.spec,
         )
 
     # ------------------------------------------------------ registration
@@ -606,9 +667,9 @@ class Machine:
                 d.entries.append(
                     add(
                         d.qdev,
-                        cb=_no_result(mig.vmstate_change),
+                        cb=_no_result(mig.vmstate_change, d),
                         prepare_cb=(
-                            _no_result(mig.vmstate_change_prepare)
+                            _no_result(mig.vmstate_change_prepare, d)
                             if d.has_p2p
                             else None
                         ),
@@ -696,7 +757,7 @@ class Machine:
         if d._thread is not None:
             raise WorkerError("a transition thread is still running", d.name)
         d._thread = threading.Thread(
-            target=fn,
+            target=_no_result(fn, d),
             args=(running, state),
             daemon=True,
             name=f"vfio-{'prepare' if prepare else 'change'}-{d.name}",

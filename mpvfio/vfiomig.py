@@ -262,8 +262,9 @@ class VFIOMigration:
         try:
             self.device.reset()
         except DeviceError as exc:  # QEMU: hw_error(), the VM aborts
+            why = exc.args[0] if exc.device == self.name else exc
             raise DeviceError(
-                f"reset after a failed transition to {new.name} failed too: {exc}",
+                f"reset after a failed transition to {new.name} failed too: {why}",
                 self.name,
                 exc.errno,
             ) from exc

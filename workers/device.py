@@ -19,9 +19,10 @@ steps, ``exit``) is a pickled message on the command pipe followed by a post
 of ``go``; its reply comes back on the pipe.  The idle worker blocks on
 ``go`` alone, with a timeout to check that its parent lives.
 
-The worker opens its own device (the emulated model lives here; later
-backends open a vfio-user socket or a kernel fd here), so the device fd lives
-and dies with this process.  The emulated device's state bytes live in a
+The worker opens its own device from its spec (:func:`open_device`: the
+emulated model lives here; a ``vfio-user:`` spec connects its socket here, a
+``vfio:`` spec opens the kernel cdev here), so the device fd lives and dies
+with this process.  The emulated device's state bytes live in a
 shared mapping the parent created: like real hardware they survive the
 worker, so a fresh worker can reset the device without losing its state.
 
@@ -44,10 +45,17 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpvfio.devices.base import ArcRecord
+from mpvfio.devices.base import ArcGate, ArcRecord, DeviceBackend
 from mpvfio.devices.emulated import EmulatedDevice
 from mpvfio.devices.profiles import Profile
-from mpvfio.errors import BarrierError, DeviceError, MpvfioError, TransitionError
+from mpvfio.devices.registry import open_backend, parse_spec
+from mpvfio.errors import (
+    BarrierError,
+    DeviceError,
+    MpvfioError,
+    TransitionError,
+    UsageError,
+)
 from mpvfio.events import Event
 from mpvfio.ipc import _posix
 from mpvfio.ipc.barrier import BarrierSpec, ProcessBarrier
@@ -68,6 +76,7 @@ __all__ = [
     "Status",
     "WorkerSpec",
     "call_device",
+    "open_device",
     "worker_main",
 ]
 
@@ -105,6 +114,8 @@ class WorkerSpec:
     slot: SlotSpec | None = None
     #: the CPU to run on (``None``: wherever the scheduler likes)
     cpu: int | None = None
+    #: a ``vfio-user:``/``vfio:`` device spec; ``None``: emulated ``profile``
+    device_spec: str | None = None
 
 
 @dataclass
@@ -149,7 +160,52 @@ def drain(mig: VFIOMigration, until_end: bool) -> bytes:
     return bytes(out)
 
 
-def reset_device(mig: VFIOMigration, device: EmulatedDevice) -> None:
+def open_device(
+    name: str,
+    profile: Profile,
+    device_spec: str | None,
+    *,
+    key: str,
+    gate: ArcGate | None = None,
+    seed: int = 0,
+    backing: mmap.mmap | None = None,
+) -> DeviceBackend:
+    """Open a device where it will be driven (a worker, or in-process).
+
+    ``device_spec`` ``None`` (or ``emulated:...``, already resolved into
+    ``profile`` by the caller) builds the emulated VF; anything else goes
+    to :func:`mpvfio.devices.registry.open_backend`, and a real device not
+    in RUNNING is reset, as QEMU resets devices when it creates a machine.
+    """
+    if device_spec is None or parse_spec(device_spec)[0] == "emulated":
+        return EmulatedDevice(
+            name, profile, key=key, gate=gate, seed=seed, backing=backing
+        )
+    backend = open_backend(device_spec, name=name)
+    try:
+        if backend.get_state() != MigState.RUNNING:
+            # left elsewhere by its last user (a finished migration leaves a
+            # source VF in STOP): QEMU resets a device when the machine is
+            # created, so a fresh VM starts from RUNNING (R4.2)
+            backend.reset()
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def _hook(device: DeviceBackend, what: str) -> Any:
+    """An emulated-only operation of ``device``, or a clear UsageError."""
+    fn = getattr(device, what, None)
+    if fn is None:
+        raise UsageError(
+            f"{what} needs a device that offers it (the emulated VF); "
+            f"{type(device).__name__} {device.name!r} does not"
+        )
+    return fn
+
+
+def reset_device(mig: VFIOMigration, device: DeviceBackend) -> None:
     """VFIO_DEVICE_RESET and the cached RUNNING (with its event, R5.1)."""
     mig.close_data_fd()
     device.reset()
@@ -178,7 +234,7 @@ CALLS = (
 
 
 def call_device(
-    mig: VFIOMigration, device: EmulatedDevice, method: str, args: tuple[Any, ...]
+    mig: VFIOMigration, device: DeviceBackend, method: str, args: tuple[Any, ...]
 ) -> Any:
     """Run one named device operation (the same table in both places)."""
     if method == "save_setup":
@@ -201,7 +257,7 @@ def call_device(
     if method == "set_state":
         return mig.set_state_or_reset(MigState(args[0]))
     if method == "checksum":
-        return device.checksum()
+        return _hook(device, "checksum")()
     if method == "device_state":
         return device.get_state()
     if method == "data_size":
@@ -211,10 +267,13 @@ def call_device(
     if method == "read_chunk":
         return mig.read_chunk(*args)
     if method == "arm_fault":
-        device.arm_fault(*args)
+        _hook(device, "arm_fault")(*args)
         return None
     if method == "check_resume":
-        return device.check_resume(mig.data_fd)
+        check = getattr(device, "check_resume", None)
+        if check is None:  # a real device validates in RESUMING -> STOP
+            return None
+        return check(mig.data_fd)
     raise MpvfioError(f"unknown device operation {method!r}; valid: {', '.join(CALLS)}")
 
 
@@ -245,9 +304,10 @@ class _Worker:
         self.gate = _Gate(spec.gate_name) if spec.gate_name else None
         self.barrier = ProcessBarrier.attach(spec.barrier) if spec.barrier else None
         self.slot: WorkerSlot = WorkerSlot.attach(spec.slot)
-        self.device = EmulatedDevice(
+        self.device = open_device(
             spec.name,
             spec.profile,
+            spec.device_spec,
             key=spec.key,
             gate=self.gate,
             seed=spec.seed,

@@ -35,7 +35,11 @@ Like the kernel (and libvfio-user's error replies), a failed SET echoes the
 request payload with the Error flag; DEVICE_RESET puts the migration state
 back to RUNNING (kernel semantics, the backend contract).
 
-Command line (``mpvfio device-server`` once wired, or
+:class:`ServerProcess` runs a server as a separate process (as a real PF's
+device server is), waits for its ``ready`` line and stops it on exit: what
+the benchmarks, the tests and the launch scripts use.
+
+Command line (``mpvfio device-server``, or
 ``python -m mpvfio.devices.vfio_user_server``)::
 
     --pf PATH_PREFIX --vfs N --profile P [--seed S]
@@ -54,7 +58,9 @@ import select
 import signal
 import socket
 import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -84,6 +90,7 @@ from mpvfio.uapi.vfio import (
 __all__ = [
     "MESSAGE_TIMEOUT_S",
     "DeviceServer",
+    "ServerProcess",
     "add_arguments",
     "main",
     "run",
@@ -598,6 +605,136 @@ class DeviceServer:
 
     def __enter__(self) -> DeviceServer:
         return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ServerProcess:
+    """``mpvfio device-server`` in a child process (module docstring).
+
+    :param prefix: socket path prefix (VF ``i`` at ``<prefix><i>.sock``).
+    :param vfs: how many VFs.
+    :param profile: a built-in profile name or a JSON file path.
+    :param seed: latency jitter seed.
+    :param timeout: seconds to wait for ``ready``.
+    :raise DeviceError: the server exited or did not get ready in time
+        (its stderr is in the message).
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        vfs: int,
+        profile: str,
+        *,
+        seed: int = 0,
+        timeout: float = 20.0,
+    ) -> None:
+        get_profile(profile)  # a bad profile: the caller's error, here
+        self.prefix = prefix
+        self.paths = [f"{prefix}{i}.sock" for i in range(vfs)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mpvfio.devices.vfio_user_server",
+            "--pf",
+            prefix,
+            "--vfs",
+            str(vfs),
+            "--profile",
+            profile,
+            "--seed",
+            str(seed),
+        ]
+        # stderr to a file: a pipe nobody reads would block a chatty server
+        self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        """The server process's pid."""
+        return self.proc.pid
+
+    def specs(self) -> list[str]:
+        """``vfio-user:PATH`` device specs of its VFs, in order."""
+        return [f"vfio-user:{p}" for p in self.paths]
+
+    def _wait_ready(self, timeout: float) -> None:
+        out = self.proc.stdout
+        assert out is not None
+        fd = out.fileno()
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"ready\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeviceError(
+                    f"the device server for {self.prefix} was not ready in "
+                    f"{timeout:.0f} s",
+                    self.prefix,
+                    _errno.ETIMEDOUT,
+                )
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)  # unbuffered: select sees what is left
+            if not chunk:  # exited
+                self.proc.wait(5.0)
+                raise DeviceError(
+                    f"the device server for {self.prefix} exited with status "
+                    f"{self.proc.returncode}: {self.stderr()[-500:]}",
+                    self.prefix,
+                    _errno.EIO,
+                )
+            buf += chunk
+
+    def stderr(self) -> str:
+        """What the server wrote on stderr so far."""
+        self._log.seek(0)
+        return self._log.read().strip()
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crashed PF, for tests)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait (then SIGKILL); the exit status (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5.0)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
+        for path in self.paths:  # a killed server leaves its sockets
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
 
     def __exit__(
         self,

@@ -21,13 +21,14 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import multiprocess as mp
 
 from mpvfio.devices.profiles import Profile, get_profile
+from mpvfio.devices.registry import parse_spec
 from mpvfio.errors import MpvfioError, UsageError
 from mpvfio.ipc.names import sweep_stale
 from mpvfio.machine import Machine
@@ -70,11 +71,47 @@ def _build(
     name: str,
     arch: str | None,
     props: MigrationProps,
+    devices: Sequence[str] | None = None,
 ) -> Machine:
+    """A machine of ``vfs`` emulated VFs, or one VF per device spec."""
     m = Machine(mode, name=name, arch=arch)
+    if devices:
+        for i, spec in enumerate(devices):
+            m.add_vfio_device(f"vf{i}", spec=spec, props=props)
+        return m
     for i in range(vfs):
         m.add_vfio_device(f"vf{i}", profile, props=props)
     return m
+
+
+def _check_specs(
+    devices: Sequence[str] | None, target_devices: Sequence[str] | None
+) -> int | None:
+    """How many VFs the spec lists give (``None``: no lists); both must match."""
+    if devices is None and target_devices is None:
+        return None
+    if devices is None or target_devices is None:
+        raise UsageError(
+            "device specs are given for both sides or for neither: the source "
+            "and the target cannot share a device (give --device and "
+            "--target-device once per VF)"
+        )
+    if len(devices) != len(target_devices) or not devices:
+        raise UsageError(
+            f"{len(devices)} source device(s) but {len(target_devices)} target "
+            "device(s): a migration pairs them one to one"
+        )
+    for spec in devices:
+        parse_spec(spec)
+    for spec in target_devices:
+        parse_spec(spec)
+    shared = set(devices) & set(target_devices)
+    if shared and not all(spec.startswith("emulated:") for spec in shared):
+        raise UsageError(
+            f"{sorted(shared)[0]} is both a source and a target device: a real "
+            "device cannot be on both sides of a migration"
+        )
+    return len(devices)
 
 
 def _target_main(
@@ -86,6 +123,7 @@ def _target_main(
     params: MigrationParams,
     arch: str | None,
     props: MigrationProps,
+    devices: Sequence[str] | None = None,
 ) -> None:
     """The forked target process: listen, receive, report, exit.
 
@@ -99,7 +137,7 @@ def _target_main(
         ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # die with the source
     result: dict[str, Any] = {"ok": False, "error": "", "stage": ""}
     try:
-        with _build(mode, vfs, profile, "target", arch, props) as m:
+        with _build(mode, vfs, profile, "target", arch, props, devices) as m:
             m.start(run=False, runstate=RunState.INMIGRATE)
             try:
                 with listen(uri) as lst:
@@ -141,6 +179,8 @@ def run_local(
     on_stage: Callable[[str], None] | None = None,
     on_target: Callable[[int], None] | None = None,
     source: Machine | None = None,
+    devices: Sequence[str] | None = None,
+    target_devices: Sequence[str] | None = None,
 ) -> tuple[MigrationInfo, dict[str, Any]]:
     """Migrate ``vfs`` emulated VFs from a source here to a forked target.
 
@@ -155,10 +195,16 @@ def run_local(
     :param source: migrate this started, running machine (the caller owns
         and closes it) instead of building one from ``mode``, ``vfs`` and
         ``profile`` (the target is still built from them).
+    :param devices: the source's device specs, one VF each (e.g.
+        ``vfio-user:/run/pf-src/vf0.sock``), in place of ``vfs`` emulated
+        VFs; ``target_devices`` must then list the target's, as many.
     :return: the source's :class:`MigrationInfo` and the target's report.
     :raise MigrationError: the migration failed (the source rolled back);
         its ``target_report`` holds the target's report if it sent one.
     """
+    n_specs = _check_specs(devices, target_devices)
+    if n_specs is not None:
+        vfs = n_specs
     if vfs < 1:
         raise UsageError("a migration needs at least one VF (--vfs >= 1)")
     prof = get_profile(profile) if isinstance(profile, str) else profile
@@ -188,6 +234,7 @@ def run_local(
             tp,
             target_arch or arch,
             pr,
+            list(target_devices) if target_devices else None,
         ),
     )
     target.start()
@@ -207,7 +254,9 @@ def run_local(
         with contextlib.ExitStack() as stack:
             m = source
             if m is None:
-                m = stack.enter_context(_build(mode, vfs, prof, "source", arch, pr))
+                m = stack.enter_context(
+                    _build(mode, vfs, prof, "source", arch, pr, devices)
+                )
                 m.start()
             try:
                 info = migrate(
@@ -332,8 +381,15 @@ def compare(
     params: MigrationParams,
     channels: int,
     progress: Any = None,
+    *,
+    devices: Sequence[str] | None = None,
+    target_devices: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The --compare rows, each on fresh machines (see :data:`ROWS`)."""
+    """The --compare rows, each on fresh machines (see :data:`ROWS`).
+
+    With device specs the same real devices serve every row, one row after
+    the other (each row's source takes the devices where the last left them).
+    """
     rows = []
     for label, mode, multifd in ROWS:
         pr = MigrationParams(
@@ -341,7 +397,15 @@ def compare(
         )
         if progress:
             progress(f"{label}: migrating {vfs} VFs ...")
-        info, _ = run_local(vfs, profile, mode, pr, progress=progress)
+        info, _ = run_local(
+            vfs,
+            profile,
+            mode,
+            pr,
+            progress=progress,
+            devices=devices,
+            target_devices=target_devices,
+        )
         rows.append({"label": label, "info": info})
     return rows
 
