@@ -19,7 +19,7 @@ the mode:
                prepare walk   first-stage entry  -> dispatch the worker
                               (phase 1, barrier, phase 2; no waiting)
                between walks  P2P interlock: wait for the barrier to fill,
-                              deliver every phase-1 event
+                              flush every phase-1 event
                main walk      second-stage entry -> join the worker
 
              so every prepare step completes before any main callback (O1),
@@ -37,7 +37,11 @@ the mode:
              parent sleeps once for the barrier to fill and once for the
              round's last worker to finish; pipes carry device calls,
              errors, notes and events.  Workers are spread over the CPUs
-             (``spread_workers``).
+             (``spread_workers``).  An event pump thread
+             (:mod:`mpvfio.workers.pump`) delivers worker events as they
+             are written, so a prepare event reaches a QMP client while
+             its slow transition still runs; the interlock and the joins
+             flush it, so a notification returns with its events out.
 
 A device with ``x-migration-parallel-states`` off (``MigrationProps``) keeps
 the serial registration in any mode (in workers mode a P2P one is still a
@@ -100,6 +104,7 @@ from mpvfio.workers.pool import (
     WorkerHandle,
     start_workers,
 )
+from mpvfio.workers.pump import EventPump
 from mpvfio.workers.slots import SlotTable
 
 __all__ = ["Machine", "Mode", "NotifyReport", "VFIODevice", "make_config"]
@@ -283,8 +288,7 @@ class VFIODevice:
             self._apply(getattr(exc, "status", None))
             raise
         finally:
-            if w.events_pending():
-                self.machine._deliver(w.drain_events())
+            self.machine._flush_events()
         self._apply(status)
         return value
 
@@ -318,8 +322,7 @@ class VFIODevice:
             self._apply(getattr(exc, "status", None))
             raise
         finally:
-            if w.events_pending():
-                self.machine._deliver(w.drain_events())
+            self.machine._flush_events()
         self._apply(status)
         return value
 
@@ -390,14 +393,13 @@ class _Round:
         self.parties: list[VFIODevice] = []
         self.dispatched: set[str] = set()
         self.failed: dict[str, MpvfioError] = {}
-        self.events: list[Event] = []  # collected while the barrier fills
         self.filled = False
         self.barrier_ready = False
         self.barrier_gen = 0  # the barrier's generation when armed
 
 
 class Machine:
-    """A VM with emulated VFIO devices (see the module docstring).
+    """A VM with VFIO devices (see the module docstring).
 
     :param mode: ``workers`` (default), ``threads`` or ``serial``.
     :param relaxed_interlock: workers mode: let main callbacks run before the
@@ -460,6 +462,7 @@ class Machine:
         self.slots: SlotTable | None = None
         self._watch = SentinelWatch()
         self._gates: dict[str, Any] = {}
+        self._pump: EventPump | None = None
         self._round: _Round | None = None
         self._started = False
         self._closed = False
@@ -630,6 +633,11 @@ class Machine:
         for d in self.devices:
             if d.worker is not None:
                 d._opened(MigFlag(d.worker.flags))
+        self._pump = EventPump(self._worker_handles, self._deliver)
+        self._pump.start()
+
+    def _worker_handles(self) -> list[WorkerHandle]:
+        return [d.worker for d in self.devices if d.worker is not None]
 
     def _handle(self, d: VFIODevice) -> WorkerHandle:
         assert self.slots is not None
@@ -888,7 +896,6 @@ class Machine:
                 break
             if _posix.acquire(slots.crossed, WATCH_SLICE_S):
                 continue
-            self._collect(rnd)
             dead = [
                 parties[id(h)]
                 for h in self._watch.exited()
@@ -922,10 +929,7 @@ class Machine:
                 break
         if broken:
             _log.warning("P2P barrier broken; failed: %s", ", ".join(rnd.failed))
-        self._collect(rnd)
-        if rnd.events:
-            batch, rnd.events = rnd.events, []
-            self._deliver(batch)
+        self._flush_events()  # every phase-1 event is out before main callbacks
 
     @staticmethod
     def _arrived(d: VFIODevice) -> bool:
@@ -963,8 +967,7 @@ class Machine:
             except MpvfioError as exc:  # the worker's own error, reported
                 d._apply(getattr(exc, "status", None))
                 d._error(exc)
-        if w.events_pending():
-            self._deliver(w.drain_events())
+        self._flush_events()
         if failed is not None:
             self._recover(d, failed)
 
@@ -989,7 +992,7 @@ class Machine:
                 if failed is not None:  # its round failed: no main step
                     w = d.worker
                     if w is not None and not w.alive():  # killed by _fill
-                        self._deliver(w.drain_events())
+                        self._flush_events()
                         self._recover(d, failed)
                     return  # (else: recovered when its prepare step failed)
         self._revive(d)
@@ -1011,19 +1014,20 @@ class Machine:
             d._error(exc)
             if rnd is not None and at_barrier:
                 rnd.failed[d.name] = exc  # it never arrives: _fill breaks
-            self._deliver(w.drain_events())
+            self._flush_events()
             self._recover(d, exc)
             return
         except MpvfioError as exc:  # the worker's own error, reported
             d._apply(getattr(exc, "status", None))
             d._error(exc)
-        self._deliver(w.drain_events())
+        self._flush_events()
 
     def _recover(self, d: VFIODevice, cause: MpvfioError) -> None:
         """Replace a dead or hung worker; the fresh one resets the device."""
         old = d.worker
         if old is None:
             return
+        self._flush_events()  # what the old worker counted is not lost
         old.kill()
         old.close(timeout=1.0)
         fresh = self._handle(d)
@@ -1037,7 +1041,9 @@ class Machine:
             _log.error("%s: recovery after %s failed: %s", d.name, cause, exc)
             return
         finally:
-            self._deliver(fresh.drain_events())
+            if self._pump is not None:
+                self._pump.changed()
+            self._flush_events()
         d._state = MigState.RUNNING
         _log.warning("%s: recovered by a fresh worker after: %s", d.name, cause)
 
@@ -1046,18 +1052,14 @@ class Machine:
         for ev in sorted(events, key=lambda e: e.mono_ns):
             self.events.emit(ev)
 
-    def _collect(self, rnd: _Round) -> None:
-        """Keep the parties' events until the barrier filled.
+    def _flush_events(self) -> None:
+        """Deliver every worker event counted so far (workers mode).
 
-        Delivering them batch by batch while it fills could put a fast
-        party's phase-2 event before a slow party's phase-1 event (drained
-        from its pipe just before it arrived): one sorted batch cannot.
-        Only pipes with unread events (the slot's counter) are read.
+        The event pump delivers them as they are written; this makes sure
+        none is still on its way when a notification or a call returns.
         """
-        for d in rnd.parties:
-            w = d.worker
-            if w is not None and w.events_pending():
-                rnd.events.extend(w.drain_events())
+        if self._pump is not None:
+            self._pump.flush()
 
     # ------------------------------------------------------ stop / start
     def vm_stop(self, state: RunState | str = RunState.FINISH_MIGRATE) -> int:
@@ -1127,6 +1129,9 @@ class Machine:
             return
         self._closed = True
         self.vm.handlers.remove_notify_hook(self._hook)
+        if self._pump is not None:
+            self._pump.flush()
+            self._pump.stop()
         for d in self.devices:
             if d.worker is not None:
                 d.worker.close()
@@ -1195,6 +1200,7 @@ class _WorkersHook:
             self.m._fill(rnd)
         for name in list(rnd.dispatched):  # an entry removed mid-walk
             self.m._join(self.m.device(name), rnd)
+        self.m._flush_events()  # O4: the notification's events are all out
 
 
 def _getpid() -> int:

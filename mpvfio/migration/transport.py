@@ -54,6 +54,7 @@ from types import TracebackType
 from typing import Literal
 
 from mpvfio.errors import MpvfioError, UsageError, errno_name
+from mpvfio.ipc.inherit import parent_only
 
 __all__ = [
     "BUFFER_SIZE",
@@ -361,7 +362,12 @@ def _tune_buffers(sock: socket.socket) -> None:
 
 
 def _tune_stream(sock: socket.socket) -> None:
-    """Blocking mode and, for TCP, no Nagle delay on a connected socket."""
+    """Blocking mode and, for TCP, no Nagle delay on a connected socket.
+
+    The socket is also closed in every child forked later (a replacement
+    worker must not keep a channel alive past the migration).
+    """
+    parent_only(sock)
     sock.setblocking(True)
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
@@ -555,6 +561,7 @@ def _listen_unix(uri: Uri, backlog: int) -> Listener:
     except OSError as exc:
         sock.close()
         raise _os_error("cannot listen", text, exc) from exc
+    parent_only(sock)
     return Listener(sock, uri, (st.st_dev, st.st_ino))
 
 
@@ -584,6 +591,7 @@ def _listen_tcp(uri: Uri, backlog: int) -> Listener:
             sock.close()
             last = exc
             continue
+        parent_only(sock)
         return Listener(sock, _sockaddr_uri(sock))
     if last is None:
         raise TransportError("host resolved to no address", text)
