@@ -31,13 +31,24 @@ arrive (multifd packets reassembled per device in idx order, bounded by
 DEV_CONFIG_LOAD_READY with ``x-migration-load-config-after-iter``), the
 devices' data checked, "loaded" to the source, then, on the source's "go",
 vm_start (RESUMING -> RUNNING_P2P -> RUNNING), the answer to the source, and
-load_cleanup after the start (R9.6).
+load_cleanup after the start (R9.6).  Without autostart (QEMU's ``-S``), or
+when the source's VM was paused when it stopped (QEMU's global state, sent
+with "go"), the target does not start: run state paused, devices RESUMING
+until the caller's ``vm_start``.
+
+Sharing the machine (:class:`MachineLock`): a caller that passes the lock
+may stop or start the source VM from another thread during the migration,
+as QEMU allows ``stop``/``cont``; the engine lets it in between pre-copy
+passes and while it waits on the network.  :class:`LiveStats` lets another
+thread read the bytes sent so far (``query-migrate`` while active).
 
 Failure and cancel: on any error before the commit (target gone, connection
 dropped, stream error, data rejected by the target, cancel) the source takes
-QEMU's failed path (R7.2): restart the VM if it was stopped (STOP_COPY ->
-RUNNING_P2P -> RUNNING), save_cleanup, then the FAILED notifier puts every
-device in RUNNING; its device state is unchanged.  The target resets its
+QEMU's failed path (R7.2): ``on_failed`` (MIGRATION ``failed`` comes before
+the restart's RESUME, as in QEMU), restart the VM if the switchover stopped
+a running VM (STOP_COPY -> RUNNING_P2P -> RUNNING; a VM the user had paused
+stays paused), save_cleanup, then the FAILED notifier puts every device in
+RUNNING; its device state is unchanged.  The target resets its
 devices and never starts its VM.  :class:`MigrationError` names the stage.
 
 The commit ("go") keeps the VM from ever running on both sides: without it
@@ -56,6 +67,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -102,10 +114,12 @@ from mpvfio.migration.transport import (
 )
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import DATA_BUFFER_SIZE
-from mpvfio.vmstate import RunState
+from mpvfio.vmstate import RunState, runstate_is_live
 
 __all__ = [
     "IncomingInfo",
+    "LiveStats",
+    "MachineLock",
     "MigrationError",
     "MigrationInfo",
     "MigrationParams",
@@ -227,6 +241,9 @@ class MigrationInfo:
     precopy_bytes: int = 0
     stopcopy_bytes: int = 0
     transferred_bytes: int = 0
+    #: the target started its VM (``False``: it stays paused, QEMU's
+    #: ``-S``/``stop`` in inmigrate or a paused source; no checksums then)
+    target_started: bool = True
     checksums: dict[str, str] = field(default_factory=dict)
     target_checksums: dict[str, str] = field(default_factory=dict)
     timeline: list[Span] = field(default_factory=list)
@@ -266,6 +283,159 @@ class IncomingInfo:
     timeline: list[Span] = field(default_factory=list)
 
 
+class MachineLock:
+    """The lock every call into one :class:`Machine` holds, handed over FIFO.
+
+    QEMU's BQL for this engine: a :class:`Machine` is not thread-safe, so
+    its users (a QMP server's ``stop``/``cont``, a migration) take turns.
+    :func:`migrate` holds it for its whole run but lets waiting threads in
+    at its safe points (between pre-copy passes) and while it only waits on
+    the network (connecting, the switchover-ack): a user's ``stop`` then
+    runs during the migration, as QEMU allows.  ``release()`` hands the lock
+    to the longest waiter directly, so a holder that releases and asks
+    again (:meth:`pause`) queues behind the threads already waiting.
+
+    Not reentrant; every acquire takes a timeout.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        #: waiting threads, oldest first: [thread ident, handed over]
+        self._waiters: deque[list[Any]] = deque()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the lock within ``timeout`` seconds; ``False`` if not."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                raise RuntimeError("MachineLock is not reentrant")
+            if self._owner is None and not self._waiters:
+                self._owner = me
+                return True
+            token: list[Any] = [me, False]
+            self._waiters.append(token)
+            deadline = time.monotonic() + timeout
+            while not token[1]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._waiters.remove(token)
+                    return False
+                self._cond.wait(left)
+            return True  # release() made this thread the owner
+
+    def release(self) -> None:
+        """Give the lock up (to the longest waiter, if any)."""
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError(
+                    "MachineLock released by a thread that does not own it"
+                )
+            if self._waiters:
+                token = self._waiters.popleft()
+                self._owner = token[0]
+                token[1] = True
+                self._cond.notify_all()
+            else:
+                self._owner = None
+
+    def owned(self) -> bool:
+        """Whether the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
+    def waiting(self) -> int:
+        """How many threads wait for the lock now."""
+        with self._cond:
+            return len(self._waiters)
+
+    def pause(self, timeout: float) -> bool:
+        """Holder: let the threads waiting now run first, then hold it again.
+
+        :returns: ``False`` if the lock did not come back within ``timeout``
+            seconds (the caller no longer holds it).
+        """
+        if not self.waiting():
+            return True
+        self.release()
+        return self.acquire(timeout)
+
+
+class LiveStats:
+    """What a running migration has sent so far, read from any thread.
+
+    The migration thread is the only writer and only ever adds to these
+    ints (one attribute store each, atomic for readers); :meth:`snapshot`
+    costs no lock.  Device bytes are added after the stream bytes that
+    carry them and are read first, so ``vfio <= transferred`` in every
+    snapshot.  At the end they equal :class:`MigrationInfo`'s totals:
+    ``transferred`` = ``transferred_bytes``, ``vfio`` = ``precopy_bytes +
+    stopcopy_bytes``.
+    """
+
+    __slots__ = (
+        "expected_downtime_ms",
+        "iterations",
+        "main_bytes",
+        "multifd_bytes",
+        "precopy_bytes",
+        "stopcopy_bytes",
+    )
+
+    def __init__(self) -> None:
+        #: bytes written to the main channel (stream framing included)
+        self.main_bytes = 0
+        #: device-state payload sent on the multifd channels
+        self.multifd_bytes = 0
+        #: device data sent during pre-copy / during the downtime
+        self.precopy_bytes = 0
+        self.stopcopy_bytes = 0
+        #: pre-copy passes (QEMU's dirty-sync-count)
+        self.iterations = 0
+        #: pending bytes / measured bandwidth (0: not estimated yet)
+        self.expected_downtime_ms = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """``{"vfio", "transferred", "precopy", "stopcopy", "multifd",
+        "iterations", "expected_downtime_ms"}`` as of now."""
+        stopcopy = self.stopcopy_bytes  # device bytes first (see the class doc)
+        precopy = self.precopy_bytes
+        multifd = self.multifd_bytes
+        main = self.main_bytes
+        return {
+            "vfio": precopy + stopcopy,
+            "transferred": main + multifd,
+            "precopy": precopy,
+            "stopcopy": stopcopy,
+            "multifd": multifd,
+            "iterations": self.iterations,
+            "expected_downtime_ms": self.expected_downtime_ms,
+        }
+
+
+@contextlib.contextmanager
+def _released(lock: MachineLock | None, timeout: float, stage: str) -> Iterator[None]:
+    """Let other users of the machine in while the body only waits on I/O."""
+    if lock is None:
+        yield
+        return
+    lock.release()
+    try:
+        yield
+    finally:
+        if not lock.acquire(timeout):
+            raise MigrationError(
+                f"the machine lock was not handed back within {timeout:g} s", stage
+            )
+
+
+def _pause(lock: MachineLock | None, timeout: float, stage: str) -> None:
+    """A safe point: a waiting ``stop``/``cont`` runs now."""
+    if lock is not None and not lock.pause(timeout):
+        raise MigrationError(
+            f"the machine lock was not handed back within {timeout:g} s", stage
+        )
+
+
 # ----------------------------------------------------------------- helpers
 def _answer(sock: Any, payload: dict[str, Any], timeout: float) -> None:
     blob = json.dumps(payload).encode()
@@ -300,14 +470,16 @@ def _boot_id() -> str:
 class _Writer:
     """The main channel's buffered writer with a per-write deadline."""
 
-    def __init__(self, sock: Any, timeout: float) -> None:
+    def __init__(self, sock: Any, timeout: float, live: LiveStats) -> None:
         sock.settimeout(timeout)
         self.f = sock.makefile("wb", buffering=1 << 20)
         self.bytes = 0
+        self.live = live
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         n = self.f.write(data)
         self.bytes += len(data)
+        self.live.main_bytes = self.bytes
         return int(n or 0)
 
     def flush(self) -> None:
@@ -331,6 +503,9 @@ def migrate(
     cancel: Cancel | None = None,
     progress: Callable[[str], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    lock: MachineLock | None = None,
+    live: LiveStats | None = None,
+    on_failed: Callable[[str], None] | None = None,
 ) -> MigrationInfo:
     """Migrate a running machine's devices to the target listening on ``uri``.
 
@@ -338,10 +513,23 @@ def migrate(
         until the commit (the "go" to the target, stage ``complete``).
     :param on_stage: called with each stage name as it begins (a test hook:
         cancel or fail at a chosen stage).
+    :param lock: the machine's lock, held by the caller: other threads may
+        then ``vm_stop``/``vm_start`` the machine during the migration,
+        under the lock, as QEMU allows ``stop``/``cont`` (see
+        :class:`MachineLock`).  A user's stop during pre-copy takes the
+        devices to STOP_COPY (R6.2, paused); the switchover then stops a VM
+        that is not live, which runs no handler (O9), the target is told the
+        source's run state (QEMU's global state: it stays paused), and a
+        failure leaves the VM paused (R7.2).
+    :param live: byte counters the caller may read while this runs.
+    :param on_failed: called with the error text once the migration has
+        failed (not for a cancel), before the source VM is restarted: QEMU
+        sets FAILED before ``migration_iteration_finish``'s ``vm_start``
+        (R7.2), so MIGRATION ``failed`` comes before RESUME.
     :raise MigrationBlockedError: the device set cannot migrate (R4.6).
-    :raise MigrationError: it failed; the source VM runs again, its devices
-        RUNNING with their state intact (unless the target may be running:
-        see the module docstring).
+    :raise MigrationError: it failed; the source VM runs again if the
+        migration stopped it, its devices RUNNING with their state intact
+        (unless the target may be running: see the module docstring).
     """
     p = params or MigrationParams()
     cancel = cancel or Cancel()
@@ -358,9 +546,17 @@ def migrate(
     )
     devs = machine.devices
     t0 = time.monotonic_ns()
+    live = live if live is not None else LiveStats()
     # committed: "go" went out, the target may run the VM from now on;
-    # target_idle: the target answered that it did not start after all.
-    state: dict[str, Any] = {"stop_ns": 0, "committed": False, "target_idle": False}
+    # target_idle: the target answered that it did not start after all;
+    # old_runstate: the run state the switchover stopped (QEMU's
+    # vm_old_state, None before the stop).
+    state: dict[str, Any] = {
+        "stop_ns": 0,
+        "committed": False,
+        "target_idle": False,
+        "old_runstate": None,
+    }
     chans: Channels | None = None
     writer: _Writer | None = None
     n_err = len(machine.errors)
@@ -383,15 +579,16 @@ def migrate(
         hello = Hello(
             tuple(d.name for d in devs), p.multifd_channels, cai, machine.arch
         )
-        chans = open_channels(
-            uri,
-            p.multifd_channels,
-            hello.session,
-            p.timeout,
-            retry_until=p.connect_retry_s,
-            cancel=cancel,
-        )
-        writer = _Writer(chans.main, p.timeout)
+        with _released(lock, p.timeout, "setup"):
+            chans = open_channels(
+                uri,
+                p.multifd_channels,
+                hello.session,
+                p.timeout,
+                retry_until=p.connect_retry_s,
+                cancel=cancel,
+            )
+        writer = _Writer(chans.main, p.timeout, live)
         w = StreamWriter(writer)
         w.header(hello)
         for d in devs:
@@ -403,17 +600,20 @@ def migrate(
         say(f"setup done: {len(devs)} devices, multifd channels {p.multifd_channels}")
 
         stage("precopy")
-        _precopy(machine, w, writer, p, info, cancel, say)
+        _precopy(machine, w, writer, p, info, cancel, say, lock, live)
 
         # Switchover-ack (QEMU's return-path SWITCHOVER_ACK, R9.2): the
         # target says its devices are RESUMING; stopping earlier would put
         # its load_setup into the downtime.
-        _expect(
-            _read_answer(chans.main, p.timeout, cancel), "switchover-ack", "precopy"
-        )
+        with _released(lock, p.timeout, "precopy"):
+            ack = _read_answer(chans.main, p.timeout, cancel)
+        _expect(ack, "switchover-ack", "precopy")
 
         stage("stop")
         state["stop_ns"] = time.monotonic_ns()
+        # migration_stop_vm: vm_old_state, then vm_stop_force_state (which
+        # runs no handler when a user's stop already paused the VM, O9)
+        state["old_runstate"] = machine.vm.runstate
         machine.vm_stop(RunState.FINISH_MIGRATE)
         stop = machine.last_report
         info.stop_ms = stop.ms
@@ -431,11 +631,11 @@ def migrate(
         stage("data")
         t_data = time.monotonic_ns()
         if p.multifd_channels:
-            _send_multifd(machine, chans, w, p, info)
+            _send_multifd(machine, chans, w, p, info, live)
         else:
             for d in devs:
                 s = time.monotonic_ns()
-                w.section_end(d.name, _stopcopy_chunks(d, info))
+                w.section_end(d.name, _stopcopy_chunks(d, info, live))
                 info.timeline.append(Span(d.name, "data", s, time.monotonic_ns()))
         w.flush()
         info.transfer_ms = (time.monotonic_ns() - t_data) / 1e6
@@ -455,8 +655,11 @@ def migrate(
         _expect(_read_answer(chans.main, p.timeout, cancel), "loaded", "complete")
         cancel.check()  # the last point a cancel is honoured
         # The target starts only on the whole "go"; if this send raises, it
-        # never got it (a partial message is not a "go").
-        _answer(chans.main, {"status": "go"}, p.timeout)
+        # never got it (a partial message is not a "go").  It carries the
+        # run state the switchover stopped, QEMU's global state: a target
+        # only starts a VM that was running here.
+        go = {"status": "go", "runstate": str(state["old_runstate"])}
+        _answer(chans.main, go, p.timeout)
         state["committed"] = True
         answer = _read_answer(chans.main, p.timeout, None)
         if answer.get("status") != "completed":
@@ -468,9 +671,7 @@ def migrate(
         # checksum is taken now, outside the downtime it would otherwise add.
         for d in devs:
             info.checksums[d.name] = d.checksum()
-        info.transferred_bytes = writer.bytes + info.stopcopy_bytes * (
-            1 if p.multifd_channels else 0
-        )
+        info.transferred_bytes = writer.bytes + live.multifd_bytes
         for d in devs:  # R8.9: outside the downtime window
             try:
                 d.call("save_cleanup")
@@ -490,8 +691,9 @@ def migrate(
             reason = _target_reason(chans, exc)
         if chans is not None:  # before the rollback: a loading target fails now
             chans.close()
+        if lock is not None and not lock.owned() and not lock.acquire(p.timeout):
+            _log.error("rollback without the machine lock: it was not handed back")
         if state["committed"] and not state["target_idle"]:
-            _abandon(machine, info)
             detail = (
                 reason.args[0] if isinstance(reason, MigrationError) else str(reason)
             )
@@ -500,22 +702,42 @@ def migrate(
                 "stopped (postmigrate) and never runs twice"
             )
             info.error = msg
-            info.total_ms = (time.monotonic_ns() - t0) / 1e6
             stage_name = getattr(reason, "stage", "") or info.stage
             side = getattr(reason, "side", "source")
-            raise MigrationError(msg, stage_name, side) from exc
-        _rollback(machine, info)
-        info.total_ms = (time.monotonic_ns() - t0) / 1e6
+            final = MigrationError(msg, stage_name, side)
+            _tell_failed(on_failed, final)
+            _abandon(machine, info)
+            info.total_ms = (time.monotonic_ns() - t0) / 1e6
+            raise final from exc
         if isinstance(reason, MigrationError):
-            raise reason from exc
-        if isinstance(exc, Exception):
-            raise MigrationError(str(exc), info.stage) from exc
-        raise
+            failure: BaseException = reason
+        elif isinstance(exc, Exception):
+            failure = MigrationError(str(exc), info.stage)
+        else:
+            failure = exc
+        if not cancelled:  # R7.2: FAILED first, then the restart
+            _tell_failed(on_failed, failure)
+        _rollback(machine, info, state["old_runstate"])
+        info.total_ms = (time.monotonic_ns() - t0) / 1e6
+        if failure is exc:
+            raise
+        raise failure from exc
     finally:
         if chans is not None:  # first: a blocked flush then fails at once
             chans.close()
         if writer is not None:
             writer.close()
+
+
+def _tell_failed(
+    on_failed: Callable[[str], None] | None, failure: BaseException
+) -> None:
+    if on_failed is None:
+        return
+    try:
+        on_failed(str(failure))
+    except Exception:  # noqa: BLE001 - a hook's bug must not stop the rollback
+        _log.exception("on_failed hook")
 
 
 def _take_answer(info: MigrationInfo, answer: dict[str, Any], stop_ns: int) -> None:
@@ -527,6 +749,12 @@ def _take_answer(info: MigrationInfo, answer: dict[str, Any], stop_ns: int) -> N
         info.downtime_ms = (end - stop_ns) / 1e6
         if not same_host:
             info.notes.append("downtime measured at the source (different hosts)")
+        info.target_started = answer.get("started") is not False
+        if not info.target_started:
+            info.notes.append(
+                "the target stays paused: the downtime ends when its load "
+                "completed; its devices check their data when it starts"
+            )
         info.start_ms = float(answer.get("start_ms") or 0.0)
         info.target_checksums = {
             str(k): str(v) for k, v in dict(answer.get("checksums") or {}).items()
@@ -600,13 +828,23 @@ def _precopy(
     info: MigrationInfo,
     cancel: Cancel,
     say: Callable[[str], None],
+    lock: MachineLock | None,
+    live: LiveStats,
 ) -> None:
-    """PART sections while the VM runs, until convergence (R8.3-R8.6)."""
-    devs = [d for d in machine.devices if d.state == MigState.PRE_COPY]
+    """PART sections while the VM runs, until convergence (R8.3-R8.6).
+
+    Each pass starts at a safe point (``lock``): a user's ``stop`` may run
+    there, and only devices still in PRE_COPY iterate (R8.5: after a stop
+    in pre-copy they are in STOP_COPY, their data goes at the switchover).
+    """
     t0 = time.monotonic()
     sent0 = writer.bytes
     bandwidth = 0.0
-    while devs:
+    while True:
+        _pause(lock, p.timeout, "precopy")
+        devs = [d for d in machine.devices if d.state == MigState.PRE_COPY]
+        if not devs:
+            break
         cancel.check()
         empty = 0
         for d in devs:
@@ -617,13 +855,17 @@ def _precopy(
                 continue
             w.section_part(d.name, data)
             info.precopy_bytes += len(data)
+            live.precopy_bytes = info.precopy_bytes
         info.precopy_iterations += 1
+        live.iterations = info.precopy_iterations
         elapsed = time.monotonic() - t0
         if elapsed > 0:
             bandwidth = (writer.bytes - sent0) / elapsed
         if empty == len(devs):
             break  # every device has nothing more to pre-copy
         pending = sum(int(d.call("data_size")) for d in machine.devices)
+        if bandwidth:
+            live.expected_downtime_ms = pending / bandwidth * 1000.0
         limit = bandwidth * p.downtime_limit_ms / 1000.0
         if bandwidth and pending <= limit:
             info.notes.append(
@@ -646,7 +888,9 @@ def _precopy(
     info.precopy_ms = (time.monotonic() - t0) * 1000.0
 
 
-def _stopcopy_chunks(d: VFIODevice, info: MigrationInfo) -> Iterator[bytes]:
+def _stopcopy_chunks(
+    d: VFIODevice, info: MigrationInfo, live: LiveStats
+) -> Iterator[bytes]:
     """R8.7: -> STOP_COPY (recover STOP), then the data to the end."""
     if d.call("save_complete") < 0:
         raise DeviceError("could not enter STOP_COPY", d.name)
@@ -658,6 +902,8 @@ def _stopcopy_chunks(d: VFIODevice, info: MigrationInfo) -> Iterator[bytes]:
             return
         info.stopcopy_bytes += len(data)
         yield data
+        # the writer has taken the chunk: count it after the stream bytes
+        live.stopcopy_bytes = info.stopcopy_bytes
 
 
 def _send_multifd(
@@ -666,8 +912,13 @@ def _send_multifd(
     w: StreamWriter,
     p: MigrationParams,
     info: MigrationInfo,
+    live: LiveStats,
 ) -> None:
-    """R10.4: one sender per device, in parallel; END sections carry EOS."""
+    """R10.4: one sender per device, in parallel; END sections carry EOS.
+
+    The senders are the devices' workers: their bytes are counted (in
+    ``live``) when they finish.
+    """
     from mpvfio.workers.migration import send_device_state
 
     devs = machine.devices
@@ -769,23 +1020,36 @@ def _send_multifd(
         raise MigrationError(f"multifd send failed: {errors[0]}", "data") from errors[0]
     for d in devs:
         r = results[d.name]
-        info.stopcopy_bytes += int(r["bytes"])
+        n = int(r["bytes"])
+        info.stopcopy_bytes += n
+        live.multifd_bytes += n  # the channel bytes first (see LiveStats)
+        live.stopcopy_bytes = info.stopcopy_bytes
         info.timeline.append(Span(d.name, "data", int(r["start_ns"]), int(r["end_ns"])))
     for ch in chans.extra:  # the target reads each channel to its end
         with contextlib.suppress(OSError):
             ch.shutdown(socket.SHUT_WR)
 
 
-def _rollback(machine: Machine, info: MigrationInfo) -> None:
+def _rollback(
+    machine: Machine, info: MigrationInfo, old_runstate: RunState | None
+) -> None:
     """QEMU's failed path (R7.2): restart, save_cleanup, FAILED -> RUNNING.
 
-    The VM is restarted whenever it is not running: :func:`migrate` starts
-    from a running VM, so a stop can only be the migration's own (even one
-    that raised half way).
+    ``migration_iteration_finish``: the VM is restarted if the switchover
+    stopped a live VM (``old_runstate``, QEMU's vm_old_state; also when the
+    stop raised half way).  If a user's ``stop`` had paused it, only the run
+    state goes back (finish-migrate -> paused) and it stays paused; before
+    the switchover nothing is restored.  The FAILED notifier then puts every
+    device in RUNNING all the same (R7.1; QEMU's quirk for a paused VM).
     """
+    restart = old_runstate is not None and runstate_is_live(old_runstate)
     try:
-        if machine.vm.runstate != RunState.RUNNING:
+        if restart and machine.vm.runstate != RunState.RUNNING:
             machine.vm_start()
+        elif (
+            old_runstate is not None and machine.vm.runstate == RunState.FINISH_MIGRATE
+        ):
+            machine.vm.runstate_set(old_runstate)
     except MpvfioError as exc:
         info.notes.append(f"rollback trouble: {exc}")
         _log.error("rollback after a failed migration: vm_start: %s", exc)
@@ -798,7 +1062,7 @@ def _rollback(machine: Machine, info: MigrationInfo) -> None:
         except MpvfioError as exc:
             info.notes.append(f"rollback trouble: {d.name}: {exc}")
             _log.error("rollback: %s: %s", d.name, exc)
-    if machine.vm.runstate != RunState.RUNNING:
+    if restart and machine.vm.runstate != RunState.RUNNING:
         machine.vm.runstate_set(RunState.RUNNING)
 
 
@@ -821,6 +1085,7 @@ def incoming(
     cancel: Cancel | None = None,
     progress: Callable[[str], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    autostart: bool | Callable[[], bool] = True,
 ) -> IncomingInfo:
     """Receive one migration into a started, not running machine.
 
@@ -829,6 +1094,14 @@ def incoming(
 
     :param on_stage: called with each stage name as it begins: ``accept``,
         ``load``, ``check``, ``start`` (a test hook).
+    :param autostart: QEMU's ``autostart`` (off with ``-S``; ``stop`` and
+        ``cont`` in inmigrate change it): a callable is read once the source
+        committed.  As in QEMU's ``process_incoming_migration_bh`` (R9.6
+        step 6) the VM starts only if it is on and the source's VM was
+        running when it stopped (QEMU's global state); otherwise the run
+        state becomes ``paused`` (or the source's), no handler runs and the
+        devices stay RESUMING until ``cont`` (RESUMING -> RUNNING_P2P ->
+        RUNNING); ``IncomingInfo.started`` is then ``False``.
     :raise MigrationError: the incoming migration failed; the devices are
         reset and the VM was not started (``IncomingInfo.started``; only
         device errors during the start itself leave it running, as in QEMU).
@@ -1001,24 +1274,36 @@ def incoming(
                 raise failures[0]
         stage("start")
         n_err = len(machine.errors)
-        info.started = True
-        machine.vm_start()
-        info.resumed_ns = time.monotonic_ns()
-        start = machine.last_report
-        info.start_ms = start.ms
-        for d in devs.values():
-            info.timeline.extend(
-                Span(d.name, f"start {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns)
-                for a in start.arcs.get(d.name, [])
-            )
+        src_rs = _source_runstate(go.get("runstate"))
+        run = _autostart(autostart) and runstate_is_live(src_rs)
+        if run:
+            info.started = True
+            machine.vm_start()
+            info.resumed_ns = time.monotonic_ns()
+            start = machine.last_report
+            info.start_ms = start.ms
+            for d in devs.values():
+                info.timeline.extend(
+                    Span(
+                        d.name, f"start {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns
+                    )
+                    for a in start.arcs.get(d.name, [])
+                )
+        else:
+            # not live: no handler runs, the devices stay RESUMING (R9.6).
+            # (QEMU restores the source's state; a source here can only
+            # have been running or paused.)
+            machine.vm.runstate_set(RunState.PAUSED)
+            info.resumed_ns = time.monotonic_ns()
         errs = _device_errors(machine, n_err)
-        for d in devs.values():
-            info.checksums[d.name] = d.checksum()
+        if run:  # a RESUMING device's state is not applied until it starts
+            for d in devs.values():
+                info.checksums[d.name] = d.checksum()
         info.status = "completed" if not errs else "failed"
         answer: dict[str, Any] = {
             "status": info.status,
             "stage": "start",
-            "started": True,
+            "started": run,
             "error": "; ".join(errs) or None,
             "resumed_ns": info.resumed_ns,
             "start_ms": info.start_ms,
@@ -1085,6 +1370,24 @@ def incoming(
             chans.close()
         if own:
             listener.close()
+
+
+def _autostart(autostart: bool | Callable[[], bool]) -> bool:
+    return bool(autostart()) if callable(autostart) else bool(autostart)
+
+
+def _source_runstate(value: Any) -> RunState:
+    """The run state the source's switchover stopped (QEMU's global state).
+
+    A source that does not say (an older one) ran; anything unknown counts
+    as paused: a target must never start a VM that was not running.
+    """
+    if value is None:
+        return RunState.RUNNING
+    try:
+        return RunState(str(value))
+    except ValueError:
+        return RunState.PAUSED
 
 
 def _read_file_msg(f: Any, what: str) -> dict[str, Any]:

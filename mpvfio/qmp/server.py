@@ -12,17 +12,23 @@ Commands (QAPI shapes of ../shared/spec/QMP.md §8):
 ``query-commands``        ``[{"name": ...}]``
 ``query-name``            ``{"name": the machine's name}``
 ``query-status``          ``{"status": RunState, "running": bool}``
-``stop`` / ``cont``       ``vm_stop(paused)`` / ``vm_start()``; in
-                          ``inmigrate`` they only choose whether the VM
-                          runs once the incoming migration completes
+``stop`` / ``cont``       ``vm_stop(paused)`` / ``vm_start()``, also while
+                          an outgoing migration runs; in ``inmigrate``
+                          they only choose whether the VM runs once the
+                          incoming migration completes; ``cont`` is
+                          refused in ``finish-migrate`` ("Migration is not
+                          finalized yet") and when a reset is needed
 ``migrate``               ``uri`` (or one ``main`` socket channel): starts
                           :func:`~mpvfio.migration.engine.migrate` in a
                           worker thread and returns at once
 ``migrate-incoming``      ``uri`` / channels; needs ``mpvfio run
                           --incoming defer`` (QEMU's ``-incoming defer``)
 ``migrate_cancel``        cancels the running migration (either side)
-``query-migrate``         ``status``, ``total-time``, ``setup-time``,
-                          ``downtime`` and ``ram``/``vfio`` when completed
+``query-migrate``         ``status``; while active (``active``, ``device``,
+                          ``cancelling``) ``total-time``, ``setup-time``,
+                          ``expected-downtime`` and live ``ram``/``vfio``
+                          byte counters; once completed the totals and
+                          ``downtime``; ``error-desc`` after a failure
 ``migrate-set-capabilities`` / ``query-migrate-capabilities``
                           ``events`` (MIGRATION events) and ``multifd``
 ``migrate-set-parameters`` / ``query-migrate-parameters``
@@ -44,21 +50,29 @@ timestamp taken where it happened (a worker's, for device events), in
 QEMU's ``{"seconds", "microseconds"}`` form.
 
 Concurrency: the Machine is not thread-safe, so every call into it holds
-one lock: ``stop``/``cont`` run in a worker thread under it, and a
-migration's thread holds it for the whole migration.  While a migration
-runs, ``stop`` of the running VM and ``cont`` of a stopped one are refused
-(QEMU allows them; the engine owns the devices until it finishes); the
-queries never take the lock.
+one :class:`~mpvfio.migration.engine.MachineLock` (this engine's BQL):
+``stop``/``cont`` run in a worker thread under it, and a migration's thread
+holds it for the whole migration but hands it over, in arrival order, at
+its safe points (between pre-copy passes, while it waits on the network).
+So, as in QEMU, ``stop`` during an outgoing migration pauses the VM and the
+migration goes on (the devices wait in STOP_COPY, R6.2; the switchover then
+stops a VM that is not live, O9; the source ends ``postmigrate`` and the
+target, told the source's run state, stays ``paused``); ``cont`` restarts
+it.  The queries never take the lock.
 
-Known differences from QEMU (the engine decides them):
+The event order of a failed outgoing migration is QEMU's (R7.2):
+``MIGRATION failed``, then ``RESUME`` as the source VM restarts (a cancel:
+``cancelling``, ``RESUME``, ``cancelled``).  A target without autostart
+(``-S``, or ``stop`` in inmigrate) stays ``paused`` after the migration
+with its devices in RESUMING, and ``cont`` starts it (R9.6).
 
-* a failed outgoing migration restarts the VM inside the engine, so
-  ``RESUME`` comes before ``MIGRATION failed`` (QEMU: after);
-* the engine always starts the target VM: after ``stop`` in ``inmigrate``
-  the VM is stopped again (``paused``) right after the migration completes,
-  rather than never running;
-* ``query-migrate`` has no live byte counters while active (the engine
-  reports them at the end): ``ram``/``vfio`` appear once completed.
+Known differences from QEMU:
+
+* ``migrate`` keeps retrying for ``connect_retry_s`` while nothing listens
+  on the URI (QEMU fails at once);
+* only a running VM can start a migration;
+* with multifd the device data is counted when each device's sender
+  finishes, not packet by packet.
 """
 
 from __future__ import annotations
@@ -77,6 +91,8 @@ from mpvfio.events import Event, Subscription
 from mpvfio.machine import Machine
 from mpvfio.migration.engine import (
     IncomingInfo,
+    LiveStats,
+    MachineLock,
     MigrationInfo,
     MigrationParams,
     incoming,
@@ -167,12 +183,19 @@ MIGRATION_CAPABILITIES = (
 SUPPORTED_CAPABILITIES = ("events", "multifd")
 
 _ACTIVE = frozenset({"setup", "active", "device", "cancelling"})
+#: statuses whose query-migrate has time and byte counters (QEMU's
+#: fill_source_migration_info populates them for these and for completed)
+_COUNTING = frozenset({"active", "device", "cancelling"})
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
 _NEEDS_RESET = frozenset(
     {RunState.INTERNAL_ERROR, RunState.SHUTDOWN, RunState.GUEST_PANICKED}
 )
 _MIGRATION_IN_PROGRESS = "There's a migration process in progress"
+_NOT_FINALIZED = "Migration is not finalized yet"  # QEMU's qmp_cont
 _POLL_S = 0.2
+#: seconds a command waits for the machine lock (a migration hands it over
+#: at its next safe point; a stop/cont holds it for one notification)
+_LOCK_WAIT_S = 120.0
 
 
 @dataclass(eq=False)
@@ -191,10 +214,17 @@ class _Migration:
     info: MigrationInfo | None = None
     incoming: IncomingInfo | None = None
     thread: threading.Thread | None = None
+    live: LiveStats = field(default_factory=LiveStats)
 
     @property
     def active(self) -> bool:
         return self.status in _ACTIVE
+
+    @property
+    def running(self) -> bool:
+        """Active, or its thread still finishing (a failed migration's
+        rollback restarts the VM after the status went ``failed``)."""
+        return self.active or (self.thread is not None and self.thread.is_alive())
 
 
 def _ms(ns: int) -> int:
@@ -239,7 +269,7 @@ class MachineService:
         self.server: QMPServer | None = None
         self.exit_code = 0
         self.shutdown_reason: str | None = None
-        self._mlock = threading.Lock()  # held by every call into the machine
+        self._mlock = MachineLock()  # held by every call into the machine
         self._slock = threading.Lock()  # migration status changes
         self._mig: _Migration | None = None
         self._sub: Subscription | None = None
@@ -329,8 +359,14 @@ class MachineService:
 
     def close_machine(self) -> None:
         """Close the machine once no command is inside it (idempotent)."""
-        with self._mlock:
+        if not self._mlock.acquire(_LOCK_WAIT_S):
+            _log.error("closing the machine while a command is still inside it")
             self.machine.close()
+            return
+        try:
+            self.machine.close()
+        finally:
+            self._mlock.release()
 
     # ---------------------------------------------------------- commands
     def commands(self) -> dict[str, Command]:
@@ -387,11 +423,23 @@ class MachineService:
         return {c.name: c for c in table}
 
     async def _locked(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` in a worker thread holding the machine lock."""
+        """Run ``fn`` in a worker thread holding the machine lock.
+
+        During an outgoing migration the lock comes at the migration's next
+        safe point; ``fn`` must check the run state again (it may have
+        changed meanwhile).
+        """
 
         def run() -> T:
-            with self._mlock:
+            if not self._mlock.acquire(_LOCK_WAIT_S):
+                raise QMPError(
+                    f"the VM stayed busy for {_LOCK_WAIT_S:g} s (a migration or "
+                    "another command holds it); try again"
+                )
+            try:
                 return fn()
+            finally:
+                self._mlock.release()
 
         return await asyncio.to_thread(run)
 
@@ -402,6 +450,10 @@ class MachineService:
     def _migration_active(self) -> bool:
         mig = self._mig
         return mig is not None and mig.active
+
+    def _migration_running(self) -> bool:
+        mig = self._mig
+        return mig is not None and mig.running
 
     # ----------------------------------------------------------- queries
     async def _query_version(self, args: dict[str, Any]) -> Any:
@@ -446,6 +498,11 @@ class MachineService:
 
     # ---------------------------------------------------------- stop/cont
     async def _stop(self, args: dict[str, Any]) -> Any:
+        """QEMU's qmp_stop: ``vm_stop(paused)``, a no-op unless the VM is live.
+
+        Allowed during an outgoing migration: the VM pauses (its pre-copying
+        devices go to STOP_COPY, R6.2) and the migration goes on.
+        """
         self._refuse_when_closing()
         rs = self.machine.vm.runstate
         if rs == RunState.INMIGRATE:
@@ -453,37 +510,37 @@ class MachineService:
             return {}
         if not runstate_is_live(rs):
             return {}  # already stopped: QEMU's stop always succeeds
-        if self._migration_active():
-            raise QMPError(
-                "mpvfio cannot stop the VM while a migration is in progress "
-                "(the migration engine owns the devices until it finishes)"
-            )
 
         def stop() -> None:
-            if runstate_is_live(self.machine.vm.runstate):
+            rs = self.machine.vm.runstate
+            if rs == RunState.INMIGRATE:
+                self.autostart = False
+            elif runstate_is_live(rs):
                 self.machine.vm_stop(RunState.PAUSED)
 
         await self._locked(stop)
         return {}
 
     async def _cont(self, args: dict[str, Any]) -> Any:
+        """QEMU's qmp_cont: refused when a reset is needed or in
+        finish-migrate (the switchover owns the stopped VM); in inmigrate it
+        sets autostart; otherwise ``vm_start`` (after a failed or completed
+        migration too, and during an outgoing migration)."""
         self._refuse_when_closing()
         rs = self.machine.vm.runstate
-        if rs in _NEEDS_RESET:
-            raise QMPError("Resetting the Virtual Machine is required")
+        _check_cont(rs)
         if rs == RunState.INMIGRATE:
             self.autostart = True
             return {}
         if rs == RunState.RUNNING:
             return {}
-        if self._migration_active():
-            raise QMPError(
-                "mpvfio cannot start the VM while a migration is in progress "
-                "(the migration engine owns the devices until it finishes)"
-            )
 
         def cont() -> None:
-            if self.machine.vm.runstate not in (RunState.RUNNING, RunState.INMIGRATE):
+            rs = self.machine.vm.runstate
+            _check_cont(rs)
+            if rs == RunState.INMIGRATE:
+                self.autostart = True
+            elif rs != RunState.RUNNING:
                 self.machine.vm_start()
 
         await self._locked(cont)
@@ -499,7 +556,7 @@ class MachineService:
         if args.get("resume"):
             raise QMPError("mpvfio has no postcopy: 'resume' is not supported")
         uri = _address(args, "migrate")
-        if self._migration_active():
+        if self._migration_running():
             raise QMPError(_MIGRATION_IN_PROGRESS)
         rs = self.machine.vm.runstate
         if rs == RunState.INMIGRATE:
@@ -583,22 +640,37 @@ class MachineService:
             elif stage == "data":
                 self._set_status(mig, "device")
 
-        with self._mlock:
-            try:
-                info = migrate(
-                    self.machine,
-                    mig.uri,
-                    mig.params,
-                    cancel=mig.cancel,
-                    on_stage=on_stage,
-                )
-            except Exception as exc:  # noqa: BLE001 - reported by query-migrate
-                mig.error = str(exc)
-                _log.warning("outgoing migration to %s: %s", mig.uri, exc)
-                self._set_status(mig, "cancelled" if mig.cancel.cancelled else "failed")
-                return
+        def on_failed(error: str) -> None:
+            # before the engine restarts the VM: MIGRATION failed, then
+            # RESUME, QEMU's order (R7.2)
+            mig.error = error
+            self._set_status(mig, "failed")
+
+        if not self._mlock.acquire(_LOCK_WAIT_S):
+            mig.error = f"the VM stayed busy for {_LOCK_WAIT_S:g} s"
+            self._set_status(mig, "failed")
+            return
+        try:
+            info = migrate(
+                self.machine,
+                mig.uri,
+                mig.params,
+                cancel=mig.cancel,
+                on_stage=on_stage,
+                lock=self._mlock,
+                live=mig.live,
+                on_failed=on_failed,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported by query-migrate
+            mig.error = mig.error or str(exc)
+            _log.warning("outgoing migration to %s: %s", mig.uri, exc)
+            self._set_status(mig, "cancelled" if mig.cancel.cancelled else "failed")
+        else:
             mig.info = info
-            self._set_status(mig, "completed")
+            self._set_status(mig, "completed")  # before a waiting command runs
+        finally:
+            if self._mlock.owned():
+                self._mlock.release()
 
     def _incoming_thread(
         self, mig: _Migration, listener: Listener, exit_on_error: bool
@@ -609,63 +681,82 @@ class MachineService:
                 self._set_status(mig, "active")
 
         try:
-            with self._mlock:
-                try:
-                    _wait_for_peer(listener, mig.cancel)
-                    mig.params = self._params()  # as set while waiting
-                    info = incoming(
-                        self.machine,
-                        listener,
-                        mig.params,
-                        cancel=mig.cancel,
-                        on_stage=on_stage,
-                    )
-                except Exception as exc:  # noqa: BLE001 - reported, maybe fatal
-                    mig.error = str(exc)
-                    _log.warning("incoming migration on %s: %s", mig.uri, exc)
-                    self._set_status(
-                        mig, "cancelled" if mig.cancel.cancelled else "failed"
-                    )
-                    if exit_on_error and not self._closing:
-                        _log.error("incoming migration failed; exiting (exit-on-error)")
-                        self.request_shutdown_threadsafe("host-error", 1)
-                    return
+            # The VM is in inmigrate until the migration ends: stop/cont only
+            # set autostart meanwhile, so the lock may be held throughout.
+            if not self._mlock.acquire(_LOCK_WAIT_S):
+                mig.error = f"the VM stayed busy for {_LOCK_WAIT_S:g} s"
+                self._set_status(mig, "failed")
+                return
+            try:
+                _wait_for_peer(listener, mig.cancel)
+                mig.params = self._params()  # as set while waiting
+                info = incoming(
+                    self.machine,
+                    listener,
+                    mig.params,
+                    cancel=mig.cancel,
+                    on_stage=on_stage,
+                    autostart=lambda: self.autostart,
+                )
+            except Exception as exc:  # noqa: BLE001 - reported, maybe fatal
+                mig.error = str(exc)
+                _log.warning("incoming migration on %s: %s", mig.uri, exc)
+                self._set_status(mig, "cancelled" if mig.cancel.cancelled else "failed")
+                if exit_on_error and not self._closing:
+                    _log.error("incoming migration failed; exiting (exit-on-error)")
+                    self.request_shutdown_threadsafe("host-error", 1)
+                return
+            else:
                 mig.incoming = info
+                # before a waiting `cont` gets the VM (QEMU sets COMPLETED
+                # in the same bottom half that starts or pauses the VM)
                 self._set_status(mig, "completed")
-                if not self.autostart:  # `stop` during inmigrate (see module doc)
-                    self.machine.vm_stop(RunState.PAUSED)
+            finally:
+                self._mlock.release()
         finally:
             listener.close()
 
     async def _query_migrate(self, args: dict[str, Any]) -> Any:
+        """QEMU's fill_source_migration_info: what each status shows.
+
+        ``setup``: the status only; ``active``/``device``/``cancelling``:
+        ``total-time``, ``setup-time``, ``expected-downtime`` and the live
+        ``ram``/``vfio`` counters; ``completed``: the totals and
+        ``downtime``; ``failed``/``cancelled``: ``error-desc``.
+        """
         mig = self._mig
         if mig is None:
             return {}
-        out: dict[str, Any] = {"status": mig.status}
-        now = mig.end_ns or time.monotonic_ns()
-        if mig.status in ("failed", "cancelled") and mig.error:
+        status = mig.status  # one read: the thread may move it on
+        out: dict[str, Any] = {"status": status}
+        if status in ("failed", "cancelled") and mig.error:
             out["error-desc"] = mig.error
         if mig.direction == "incoming":
             inc = mig.incoming
-            if mig.status == "completed" and inc is not None:
+            if status == "completed" and inc is not None:
                 out[f"{PREFIX}incoming"] = {
                     "load-ms": round(inc.load_ms, 3),
                     "start-ms": round(inc.start_ms, 3),
                     "received-bytes": inc.received_bytes,
+                    "started": inc.started,
                 }
             return out
-        if mig.status in ("failed", "cancelled"):
-            return out
-        out["total-time"] = _ms(now - mig.start_ns)
         if mig.setup_end_ns:
             out["setup-time"] = _ms(mig.setup_end_ns - mig.start_ns)
         info = mig.info
-        if mig.status == "completed" and info is not None:
+        if status == "completed" and info is not None:
             out["total-time"] = round(info.total_ms)
             out["downtime"] = round(info.downtime_ms)
-            out["ram"] = _ram_stats(info)
+            out["ram"] = _ram_stats(
+                info.transferred_bytes,
+                info.precopy_bytes,
+                info.stopcopy_bytes,
+                info.stopcopy_bytes if info.multifd_channels else 0,
+                info.precopy_iterations,
+                info.total_ms,
+            )
             out["vfio"] = {"transferred": info.precopy_bytes + info.stopcopy_bytes}
-            out[f"{PREFIX}switchover"] = {
+            switchover: dict[str, Any] = {
                 "downtime-ms": round(info.downtime_ms, 3),
                 "stop-ms": round(info.stop_ms, 3),
                 "transfer-ms": round(info.transfer_ms, 3),
@@ -673,8 +764,28 @@ class MachineService:
                 "start-ms": round(info.start_ms, 3),
                 "precopy-iterations": info.precopy_iterations,
                 "multifd-channels": info.multifd_channels,
-                "checksums-equal": info.checksums_equal,
+                "target-started": info.target_started,
             }
+            if info.target_started:  # a paused target checks when it starts
+                switchover["checksums-equal"] = info.checksums_equal
+            out[f"{PREFIX}switchover"] = switchover
+        elif status in _COUNTING:
+            snap = mig.live.snapshot()
+            total_ms = (time.monotonic_ns() - mig.start_ns) / 1e6
+            out["total-time"] = round(total_ms)
+            expected = snap["expected_downtime_ms"] or mig.params.downtime_limit_ms
+            out["expected-downtime"] = round(expected)
+            out["ram"] = _ram_stats(
+                snap["transferred"],
+                snap["precopy"],
+                snap["stopcopy"],
+                snap["multifd"],
+                snap["iterations"],
+                total_ms,
+            )
+            out["vfio"] = {"transferred": snap["vfio"]}
+        else:
+            out.pop("setup-time", None)  # setup, failed, cancelled: no times
         return out
 
     # ----------------------------------------------- capabilities/params
@@ -730,16 +841,32 @@ class MachineService:
         return {}
 
 
-def _ram_stats(info: MigrationInfo) -> dict[str, Any]:
+def _check_cont(rs: RunState) -> None:
+    """QEMU's qmp_cont refusals, in its order and with its words."""
+    if rs in _NEEDS_RESET:
+        raise QMPError("Resetting the Virtual Machine is required")
+    if rs == RunState.FINISH_MIGRATE:
+        raise QMPError(_NOT_FINALIZED)
+
+
+def _ram_stats(
+    transferred: int,
+    precopy: int,
+    downtime: int,
+    multifd: int,
+    iterations: int,
+    total_ms: float,
+) -> dict[str, Any]:
     """QEMU's MigrationStats for the stream (there is no guest RAM here).
 
     QEMU's ``ram.transferred``, ``precopy-bytes`` and ``downtime-bytes``
     count the whole stream, device state included; the page counters are 0.
+    The same numbers while active (live) and once completed (totals).
     """
-    secs = info.total_ms / 1000.0
-    mbps = info.transferred_bytes * 8 / 1e6 / secs if secs > 0 else 0.0
+    secs = total_ms / 1000.0
+    mbps = transferred * 8 / 1e6 / secs if secs > 0 else 0.0
     return {
-        "transferred": info.transferred_bytes,
+        "transferred": transferred,
         "remaining": 0,
         "total": 0,
         "duplicate": 0,
@@ -747,13 +874,13 @@ def _ram_stats(info: MigrationInfo) -> dict[str, Any]:
         "normal-bytes": 0,
         "dirty-pages-rate": 0,
         "mbps": round(mbps, 3),
-        "dirty-sync-count": info.precopy_iterations,
+        "dirty-sync-count": iterations,
         "postcopy-requests": 0,
         "page-size": 4096,
-        "multifd-bytes": info.stopcopy_bytes if info.multifd_channels else 0,
+        "multifd-bytes": multifd,
         "pages-per-second": 0,
-        "precopy-bytes": info.precopy_bytes,
-        "downtime-bytes": info.stopcopy_bytes,
+        "precopy-bytes": precopy,
+        "downtime-bytes": downtime,
         "postcopy-bytes": 0,
         "dirty-sync-missed-zero-copy": 0,
     }

@@ -12,22 +12,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mpvfio.devices.profiles import MiB, Profile
+from mpvfio.events import Event
 from mpvfio.machine import Machine, VFIODevice
 from mpvfio.migration import engine
-from mpvfio.migration.engine import MigrationError, MigrationInfo, MigrationParams
+from mpvfio.migration.engine import (
+    IncomingInfo,
+    LiveStats,
+    MachineLock,
+    MigrationError,
+    MigrationInfo,
+    MigrationParams,
+)
 from mpvfio.migration.local import PairResult, migrate_pair, run_local
+from mpvfio.migration.transport import Cancel, listen
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState
@@ -443,6 +455,323 @@ def test_engine_checks_the_session(
     assert "peer mismatch" in str(res.target_error)
     assert isinstance(res.error, MigrationError)
     assert src.vm.runstate == RunState.RUNNING and not ran(dst)
+
+
+# -- sharing the machine: stop/cont, autostart, live counters, failure order -----------
+
+
+@dataclass
+class Side:
+    """One side of :func:`run_pair`: its info, or the error it raised."""
+
+    info: Any = None
+    error: BaseException | None = None
+
+
+def run_pair(
+    src: Machine,
+    dst: Machine,
+    p: MigrationParams,
+    *,
+    autostart: bool | Callable[[], bool] = True,
+    target_on_stage: Callable[[str], None] | None = None,
+    target_cancel: Cancel | None = None,
+    **source_kw: Any,
+) -> tuple[Side, Side]:
+    """engine.migrate here, engine.incoming in a thread, with any arguments."""
+    tmp = tempfile.mkdtemp(prefix="mpvfio-share-", dir="/tmp")
+    source, target = Side(), Side()
+    try:
+        lst = listen(f"unix:{tmp}/m.sock")
+
+        def run_target() -> None:
+            try:
+                target.info = engine.incoming(
+                    dst,
+                    lst,
+                    p,
+                    autostart=autostart,
+                    on_stage=target_on_stage,
+                    cancel=target_cancel,
+                )
+            except BaseException as exc:  # noqa: BLE001 - checked by the test
+                target.error = exc
+            finally:
+                lst.close()
+
+        t = threading.Thread(target=run_target, name="share-target")
+        t.start()
+        try:
+            source.info = engine.migrate(src, str(lst.uri), p, **source_kw)
+        except BaseException as exc:  # noqa: BLE001 - checked by the test
+            source.error = exc
+        finally:
+            t.join(p.timeout + 10)
+        assert not t.is_alive(), "the target thread hangs"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return source, target
+
+
+def stop_at_first_safe_point(
+    m: Machine, lock: MachineLock, stages: list[str], at: str = "precopy"
+) -> Callable[[str], None]:
+    """An on_stage hook: at stage ``at`` another thread queues for the lock
+    and stops the VM (paused), as a QMP ``stop`` does; the migration lets
+    it in at its next safe point."""
+
+    def stopper() -> None:
+        assert lock.acquire(20)
+        try:
+            m.vm_stop(RunState.PAUSED)
+        finally:
+            lock.release()
+
+    def on_stage(name: str) -> None:
+        stages.append(name)
+        if name == at:
+            threading.Thread(target=stopper, name="user-stop").start()
+            deadline = time.monotonic() + 10
+            while not lock.waiting():  # queued before the engine goes on
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+
+    return on_stage
+
+
+def events_of(m: Machine, names: list[str]) -> list[Event]:
+    seen: list[Event] = []
+    m.events.subscribe(seen.append, names)
+    return seen
+
+
+def test_machine_lock_hands_over_in_arrival_order() -> None:
+    lock = MachineLock()
+    order: list[str] = []
+    assert lock.acquire(1) and lock.owned()
+
+    def waiter(name: str) -> None:
+        assert lock.acquire(10)
+        order.append(name)
+        lock.release()
+
+    threads = []
+    for name in ("a", "b"):
+        t = threading.Thread(target=waiter, args=(name,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 10
+        while lock.waiting() < len(threads):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+    assert lock.pause(10)  # both waiters ran, in order, then it came back
+    assert order == ["a", "b"] and lock.owned()
+    for t in threads:
+        t.join(10)
+    with pytest.raises(RuntimeError):
+        lock.acquire(1)  # not reentrant
+    # a waiter that times out leaves the queue; others cannot release it
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(lock.acquire(0.05)))
+    t.start()
+    t.join(10)
+    assert got == [False] and lock.waiting() == 0
+    t = threading.Thread(target=lambda: got.append(_release_raises(lock)))
+    t.start()
+    t.join(10)
+    assert got == [False, True]
+    lock.release()
+    assert not lock.owned() and lock.acquire(0.01)
+    lock.release()
+
+
+def _release_raises(lock: MachineLock) -> bool:
+    try:
+        lock.release()
+    except RuntimeError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("channels", [0, 2])
+def test_live_stats_grow_and_end_equal_to_the_totals(
+    machine: MachineFactory, channels: int
+) -> None:
+    """LiveStats read from another thread: monotonic, vfio <= transferred,
+    and at the end exactly MigrationInfo's totals."""
+    slow = Profile(
+        name="paced",
+        state_size=1 * MiB,
+        precopy_initial=1 * MiB,
+        precopy_dirty=0,
+        bandwidth=8 * MiB,
+    )
+    mode = "workers" if HAS_CALL_FDS else "threads"
+    src, dst = pair(machine, mode, 2, slow)
+    live = LiveStats()
+    samples: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(live.snapshot())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, name="sampler")
+    sampler.start()
+    try:
+        source, target = run_pair(src, dst, params(channels), live=live)
+    finally:
+        done.set()
+        sampler.join(10)
+    assert source.error is None and target.error is None, (source, target)
+    info: MigrationInfo = source.info
+    assert info.status == "completed" and info.checksums_equal
+    for key in ("transferred", "vfio", "precopy", "stopcopy", "iterations"):
+        values = [s[key] for s in samples]
+        assert values == sorted(values), key
+    assert all(s["vfio"] <= s["transferred"] for s in samples)
+    grew = {s["vfio"] for s in samples if s["vfio"] > 0}
+    assert len(grew) >= 2, "the counters did not move while it ran"
+    end = live.snapshot()
+    assert end["transferred"] == info.transferred_bytes
+    assert end["vfio"] == info.precopy_bytes + info.stopcopy_bytes
+    assert end["precopy"] == info.precopy_bytes > 0
+    assert end["stopcopy"] == info.stopcopy_bytes > 0
+    assert end["multifd"] == (info.stopcopy_bytes if channels else 0)
+    assert end["iterations"] == info.precopy_iterations
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_incoming_without_autostart_stays_paused_until_started(
+    machine: MachineFactory, mode: str
+) -> None:
+    """R9.6 without autostart: paused, devices RESUMING; vm_start later."""
+    src, dst = pair(machine, mode, 2)
+    resume = events_of(dst, ["RESUME", "STOP"])
+    source, target = run_pair(src, dst, params(), autostart=lambda: False)
+    assert source.error is None and target.error is None, (source, target)
+    info: MigrationInfo = source.info
+    assert info.status == "completed" and not info.target_started
+    assert not info.checksums_equal  # nothing to compare before it starts
+    assert any("paused" in n for n in info.notes)
+    assert src.vm.runstate == RunState.POSTMIGRATE
+    assert real_states(src) == [S.STOP] * 2
+    tinfo: IncomingInfo = target.info
+    assert tinfo.status == "completed" and not tinfo.started
+    assert dst.vm.runstate == RunState.PAUSED and not ran(dst)
+    assert [d.state for d in dst.devices] == [S.RESUMING] * 2
+    assert real_states(dst) == [S.RESUMING] * 2
+    assert resume == []  # no handler ran, no event
+    dst.vm_start()  # `cont`: RESUMING -> RUNNING_P2P -> RUNNING, data applied
+    assert [e.name for e in resume] == ["RESUME"]
+    assert real_states(dst) == [S.RUNNING] * 2 and not dst.errors
+    assert {d.name: d.checksum() for d in dst.devices} == info.checksums
+
+
+@pytest.mark.parametrize("mode", ["serial", "workers"])
+def test_a_stop_during_precopy_lets_the_migration_finish_paused(
+    machine: MachineFactory, mode: str
+) -> None:
+    """A user's stop mid-migration (QEMU allows it): STOP_COPY (R6.2
+    paused), the switchover stops a VM that is not live (O9), source
+    postmigrate, and the target, told the source was paused, stays paused."""
+    src, dst = pair(machine, mode, 2)
+    lock = MachineLock()
+    assert lock.acquire(1)  # the migration's caller holds it
+    stages: list[str] = []
+    src_events = events_of(src, ["STOP", "RESUME"])
+    try:
+        source, target = run_pair(
+            src,
+            dst,
+            params(),
+            lock=lock,
+            on_stage=stop_at_first_safe_point(src, lock, stages),
+        )
+    finally:
+        lock.release()
+    assert source.error is None and target.error is None, (source, target)
+    info: MigrationInfo = source.info
+    assert info.status == "completed" and not info.target_started
+    assert info.precopy_bytes == 0  # paused before the first pass
+    assert [e.name for e in src_events] == ["STOP"]  # the user's only
+    # the switchover ran no handler: no arc at the stop
+    assert info.stop_ms < 50 and not [s for s in info.timeline if s.what[:4] == "stop"]
+    assert [t.new for t in src.vm.runstate_history][-3:] == [
+        RunState.PAUSED,
+        RunState.FINISH_MIGRATE,
+        RunState.POSTMIGRATE,
+    ]
+    assert real_states(src) == [S.STOP] * 2
+    assert dst.vm.runstate == RunState.PAUSED and not ran(dst)
+    assert real_states(dst) == [S.RESUMING] * 2
+    dst.vm_start()
+    assert {d.name: d.checksum() for d in dst.devices} == info.checksums
+
+
+def test_failure_calls_on_failed_before_the_restart(machine: MachineFactory) -> None:
+    """R7.2: FAILED is set before migration_iteration_finish's vm_start."""
+    from mpvfio.devices.profiles import Fault
+
+    faulty = FAST.replace(
+        name="faulty", faults={"PRE_COPY_P2P>STOP_COPY": Fault("errno", times=1)}
+    )
+    src = machine("serial", 2, faulty, name="src")
+    dst = machine("serial", 2, FAST, name="dst")
+    src.start()
+    dst.start(run=False, runstate=RunState.INMIGRATE)
+    order: list[str] = []
+    src.events.subscribe(lambda ev: order.append(ev.name), ["STOP", "RESUME"])
+
+    def on_failed(error: str) -> None:
+        order.append(f"failed {src.vm.runstate}")
+
+    source, target = run_pair(src, dst, params(), on_failed=on_failed)
+    assert isinstance(source.error, MigrationError), source.error
+    assert source.error.stage == "stop"
+    assert order == ["STOP", "failed finish-migrate", "RESUME"], order
+    assert src.vm.runstate == RunState.RUNNING
+    assert real_states(src) == [S.RUNNING] * 2
+    assert isinstance(target.error, MigrationError) and not ran(dst)
+
+
+def test_a_failure_after_a_user_stop_leaves_the_vm_paused(
+    machine: MachineFactory,
+) -> None:
+    """R7.2: the VM was paused when the switchover came: it is not
+    restarted; the FAILED notifier still sets RUNNING (QEMU's quirk)."""
+    src, dst = pair(machine, "serial", 2)
+    lock = MachineLock()
+    assert lock.acquire(1)
+    stages: list[str] = []
+    resumed = events_of(src, ["RESUME"])
+    failed: list[str] = []
+    cancel = Cancel()
+
+    def target_fails(name: str) -> None:
+        if name == "check":
+            cancel.cancel("target refuses")
+
+    try:
+        source, target = run_pair(
+            src,
+            dst,
+            params(),
+            lock=lock,
+            on_stage=stop_at_first_safe_point(src, lock, stages),
+            on_failed=failed.append,
+            target_on_stage=target_fails,
+            target_cancel=cancel,
+        )
+    finally:
+        lock.release()
+    assert isinstance(source.error, MigrationError), source.error
+    assert "target refuses" in str(source.error) and failed
+    assert src.vm.runstate == RunState.PAUSED
+    assert resumed == []
+    assert real_states(src) == [S.RUNNING] * 2  # R7.1 quirk
+    assert isinstance(target.error, MigrationError) and not ran(dst)
 
 
 # -- the command line ------------------------------------------------------------------
