@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.ipc.inherit import parent_only
 from mpvfio.migration.transport import Listener, TransportError, listen, parse_uri
 from mpvfio.qmp.message import MAX_MESSAGE_SIZE, JSONStreamParser, Malformed, encode
 
@@ -340,6 +341,7 @@ class QMPServer:
         """Start accepting sessions on ``listener`` (this server closes it)."""
         self._loop = asyncio.get_running_loop()
         sock = socket.socket(fileno=os.dup(listener.fileno()))
+        parent_only(sock)
         try:
             server = await asyncio.start_server(
                 self._client_connected, sock=sock, limit=READ_SIZE
@@ -362,6 +364,9 @@ class QMPServer:
             writer.close()
             return
         peer = writer.get_extra_info("peername") or "unix"
+        conn = writer.get_extra_info("socket")
+        if conn is not None:  # a worker forked later must not keep it open
+            parent_only(conn)
         s = _Session(next(self._ids), reader, writer, str(peer))
         s.task = asyncio.current_task()
         self._sessions[s.sid] = s

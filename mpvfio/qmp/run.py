@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vfs",
         type=_positive_int,
-        default=4,
+        default=None,
         metavar="N",
         help="number of emulated VFs vf0..vfN-1 (default 4)",
     )
@@ -93,6 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="fixed50",
         metavar="P",
         help="device profile: instant, fixed50, cx7 or a JSON file (default fixed50)",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=None,
+        metavar="SPEC",
+        dest="devices",
+        help="a VF instead of --vfs emulated ones (repeat, one per VF: vf0, "
+        "vf1, ...): emulated:PROFILE, vfio-user:SOCKET_PATH or "
+        "vfio:/dev/vfio/devices/vfioN",
     )
     parser.add_argument(
         "--mode",
@@ -208,6 +218,12 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0 or args.net_timeout <= 0:
         raise UsageError("--timeout and --net-timeout must be > 0")
     profile = get_profile(args.profile)
+    if args.devices and args.vfs is not None and args.vfs != len(args.devices):
+        raise UsageError(
+            f"--vfs {args.vfs} but {len(args.devices)} --device spec(s): give one "
+            "or the other"
+        )
+    vfs = 4 if args.vfs is None else args.vfs
     incoming = args.incoming
     if incoming is not None and incoming != "defer":
         parse_uri(incoming)
@@ -228,8 +244,12 @@ def run(args: argparse.Namespace) -> int:
             migration_events=args.migration_events,
             prepare_events=args.prepare_events,
         )
-        for i in range(args.vfs):
-            machine.add_vfio_device(f"vf{i}", profile, props=props)
+        if args.devices:
+            for i, spec in enumerate(args.devices):
+                machine.add_vfio_device(f"vf{i}", spec=spec, props=props)
+        else:
+            for i in range(vfs):
+                machine.add_vfio_device(f"vf{i}", profile, props=props)
         if incoming is not None:
             machine.start(run=False, runstate=RunState.INMIGRATE)
         elif args.paused:
@@ -253,9 +273,14 @@ def run(args: argparse.Namespace) -> int:
         )
         if incoming is not None and args.paused:
             service.autostart = False  # QEMU: -S with -incoming stays paused
+        what = (
+            "devices " + ", ".join(args.devices)
+            if args.devices
+            else f"profile {profile.name}"
+        )
         desc = (
-            f"VM {machine.name}: {args.vfs} VFs ({args.mode} mode, profile "
-            f"{profile.name}), pid {_getpid()}"
+            f"VM {machine.name}: {len(machine.devices)} VFs ({args.mode} mode, "
+            f"{what}), pid {_getpid()}"
         )
         return asyncio.run(_serve(service, listeners, mig_listener, desc))
     finally:

@@ -483,7 +483,7 @@ class MachineService:
                     for f in MigFlag
                     if d.flags & f
                 ],
-                "backend": "emulated",
+                "backend": d.backend,
                 "profile": d.profile.name,
                 "mode": d.mode.value,
                 "migration-events": d.props.migration_events,

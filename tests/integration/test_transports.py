@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -345,3 +346,25 @@ def test_server_killed_while_idle_fails_the_next_stop_fast(short_tmp: Path) -> N
             assert sorted(e.device for e in m.errors) == ["vf0", "vf1"]
     finally:
         srv.stop()
+
+
+# ------------------------------------------------- mpvfio run over a PF
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "launch_pf_vm.py"
+
+
+@pytest.mark.parametrize("kill_ms", [0, 30])
+def test_launch_pf_vm_demo_drives_a_vm_on_a_device_server(kill_ms: int) -> None:
+    """`mpvfio run --device vfio-user:...` over QMP; a PF killed mid-stop."""
+    args = [sys.executable, str(TOOL), "--demo", "--vfs", "2"]
+    args += ["--profile", "fixed50" if kill_ms else "instant"]
+    if kill_ms:
+        args += ["--kill-server-after", str(kill_ms)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "backend vfio-user" in res.stdout
+    assert res.stdout.rstrip().endswith("result: OK")
+    if kill_ms:
+        assert re.search(r"vf0: [1-9]\d* device error", res.stdout), res.stdout
+    else:
+        assert res.stdout.count("event VFIO_MIGRATION") == 8
