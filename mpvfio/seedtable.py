@@ -8,32 +8,66 @@ with QEMU's parallel state transitions disabled and enabled::
     Disabled:    1385 ms   758 ms  497 ms
     Enabled:      986 ms   653 ms  493 ms
 
-The model behind the ``cx7`` profile (fit to those six numbers)::
+The model (:data:`MODEL`, :meth:`Model.downtime_ms`) has three terms and a
+PF limit::
 
-    downtime = F                     fixed: RAM final sync, other devices
-             + transitions           per VF: stop arcs + start arcs
-             + N x D                 per VF data, serial in the seed
-    serial:   F + N x (T + D)        enabled (threads): F + T + N x D
+    F   fixed downtime: RAM final sync, other devices, the stream's end
+    T   per VF transitions: the stop arcs (PRE_COPY -> PRE_COPY_P2P ->
+        STOP_COPY) plus the start arcs (RESUMING -> STOP -> RUNNING_P2P ->
+        RUNNING)
+    D   per VF data: reading the VF's STOP_COPY data, bounded by the
+        device's save rate (per device: VFs read in parallel save in parallel)
+    P   PF concurrency: VFs of one PF that may run an arc at once
 
-With F ~ 215 ms, T ~ 120 ms and D ~ 160 ms all six land within 5 %; the PF
-lets 4 VFs run an arc at once (a lower PF limit would not reproduce the
-enabled 4-VF figure).  F is modelled by a priority-0 VM change-state
-handler on the source that takes F ms on stop (priority-0 handlers run after
-every qdev handler on stop, as in QEMU).
+    serial (disabled):         F + N x (T + D)
+    threads (enabled):         F + ceil(N / P) x T + N x D
+    mpvfio workers:            as threads (the data is still serial on the
+                               main channel)
+    mpvfio workers + multifd:  F + ceil(N / P) x T + D (each worker sends
+                               its own device's data, in parallel)
 
-Status: the model above fits the seed; the emulation does not reproduce it
-yet.  On this 2-core machine the emulated data path (100 MiB per VF read in
-the source's workers, pickled through pipes, written in the target's workers)
-costs far more CPU than the model's D, so the measured rows sit well above
-the seed's.  The table prints the difference in % honestly.
+Fitted to the six numbers: F = 200 ms, T = 125 ms, D = 163 ms, P >= 4.  The
+model lands within 2.4 % of every seed number (serial 1/2/4: -1.8 / +2.4 /
+-2.4 %; enabled: -1.0 / -0.3 / -0.9 %); the seed's own serial rows are not
+quite linear in N (+261 ms from 1 to 2 VFs, +314 ms per VF from 2 to 4), so
+no linear model gets closer.  The PF limit is only bounded from below: a
+limit of 2 or 3 would run the enabled 4-VF case's arcs in two waves (F + 2T
++ 4D = 1102 ms, +12 %), while 1, 2 and 4 VFs cannot tell 4 from no limit.
+The ``cx7`` profile takes the least value consistent with the seed, 4.
 
-mpvfio adds two rows: ``workers`` (one process per device) and ``workers +
+How the emulation realises it (``cx7``, :mod:`mpvfio.devices.profiles`):
+
+* F: a priority-0 VM change-state handler on the source sleeps
+  :data:`FIXED_MS` = 192 ms on stop (priority-0 handlers run after every
+  qdev handler on stop, as in QEMU); the engine's own fixed path (stream
+  end, config, the commit round trip) adds ~8 ms on the 2-core dev VM.
+* T: the five arcs in the downtime take 118 ms (15 + 42 + 36 + 15 + 10)
+  plus 0-2 ms of jitter each (~5 ms on average).
+* D: each VF's ~3.3 MiB of STOP_COPY data is read at the device's save
+  rate of 24.5 MB/s (``stopcopy_rate``: 142 ms), paced by the device itself;
+  the data path (worker, stream, target write and check) adds ~20 ms.  The
+  emulated payload is the real ~100 MiB scaled down by ~30 at the same
+  time cost, so the engine's Python overhead per VF stays small beside D.
+
+Measured with ``mpvfio bench seed-table --rounds 3`` on the 2-core dev VM
+(medians, three quiet runs): serial 485-486 / 767-778 / 1348-1352 ms,
+enabled 486-494 / 646-656 / 971-976 ms: every cell within 2.6 % of the
+seed, and within 10 ms of the model.  A busy machine only adds time:
+single rounds run next to someone's test suite showed cells up to +9 %
+(once one cell at +63 %), so compare medians (``--rounds 3``).  One round of
+the table takes ~13 s.
+
+mpvfio adds two rows: ``workers`` (one process per device; its data is
+serial on the main channel as in the seed, so it lands on the enabled row,
+0.5-4.7 % above it: 494-496 / 658-666 / 993-1017 ms) and ``workers +
 multifd`` (the data leaves every device's worker in parallel, where the seed
-keeps it serial: the 4-VF row should come close to the 1-VF figure).
+keeps it serial: 496-497 / 499-501 / 526-548 ms, the 4-VF figure within
+6-10 % of the 1-VF one and 44-47 % below the seed's enabled 986 ms).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -41,13 +75,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from mpvfio.devices.profiles import Profile, get_profile
+from mpvfio.errors import UsageError
 from mpvfio.machine import Machine
 from mpvfio.migration.engine import MigrationParams
 from mpvfio.migration.local import run_local
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState
 
-__all__ = ["FIXED_MS", "SEED_MS", "SeedRow", "format_table", "run_seed_table"]
+__all__ = [
+    "FIXED_MS",
+    "MODEL",
+    "SEED_MS",
+    "Model",
+    "SeedRow",
+    "format_table",
+    "run_seed_table",
+]
 
 #: The seed's measurements: (row, vfs) -> downtime ms.
 SEED_MS: dict[tuple[str, int], float] = {
@@ -58,8 +101,9 @@ SEED_MS: dict[tuple[str, int], float] = {
     ("threads", 2): 653.0,
     ("threads", 4): 986.0,
 }
-#: The fixed part F of the model (ms), taken on the source's stop.
-FIXED_MS = 215.0
+#: What the source's priority-0 handler sleeps on stop (ms): the model's F
+#: less the engine's own fixed cost (~8 ms here).
+FIXED_MS = 192.0
 #: (key, label, machine mode, multifd)
 ROWS = (
     ("serial", "seed: parallel transitions disabled", "serial", False),
@@ -67,6 +111,48 @@ ROWS = (
     ("workers", "mpvfio workers", "workers", False),
     ("workers+multifd", "mpvfio workers + multifd data", "workers", True),
 )
+
+
+@dataclass(frozen=True)
+class Model:
+    """The downtime model of the module docstring (all times in ms).
+
+    :param fixed_ms: F, the fixed downtime.
+    :param transition_ms: T, one VF's stop arcs plus start arcs.
+    :param data_ms: D, one VF's STOP_COPY data at the device's save rate.
+    :param pf_concurrency: VFs of one PF that may run an arc at once
+        (0: no limit).
+    """
+
+    fixed_ms: float
+    transition_ms: float
+    data_ms: float
+    pf_concurrency: int = 0
+
+    def waves(self, vfs: int) -> int:
+        """How many rounds of arcs ``vfs`` parallel VFs need behind the PF."""
+        if not self.pf_concurrency:
+            return 1
+        return math.ceil(vfs / self.pf_concurrency)
+
+    def downtime_ms(self, key: str, vfs: int) -> float:
+        """The model's downtime of one table cell (``key`` as in :data:`ROWS`)."""
+        if vfs < 1:
+            raise UsageError(f"the model needs at least one VF, got {vfs}")
+        f, t, d = self.fixed_ms, self.transition_ms, self.data_ms
+        if key == "serial":
+            return f + vfs * (t + d)
+        if key in ("threads", "workers"):
+            return f + self.waves(vfs) * t + vfs * d
+        if key == "workers+multifd":
+            return f + self.waves(vfs) * t + d
+        raise UsageError(
+            f"no model row {key!r}; rows: {', '.join(k for k, *_ in ROWS)}"
+        )
+
+
+#: The model fitted to :data:`SEED_MS` (see the module docstring).
+MODEL = Model(fixed_ms=200.0, transition_ms=125.0, data_ms=163.0, pf_concurrency=4)
 
 
 @dataclass

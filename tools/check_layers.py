@@ -7,7 +7,8 @@
                       .multifd, .transport): workers use the packet codec
     L2 workers        workers/ (installed as mpvfio.workers.*)
     L3 orchestration  machine
-    L4 migration      switchover, bench, stress, migration.engine/.local
+    L4 migration      switchover, bench, stress, seedtable, arcreport,
+                      migration.engine/.local
     L5 QMP / CLI      cli, __main__, api, qmp.*
 
 A module may import from its own layer or any lower one.  Every module must
@@ -51,6 +52,7 @@ LAYERS: dict[str, int] = {
     "mpvfio.bench": 4,
     "mpvfio.stress": 4,
     "mpvfio.seedtable": 4,
+    "mpvfio.arcreport": 4,
     "mpvfio.migration": 1,
     "mpvfio.migration.stream": 1,
     "mpvfio.migration.multifd": 1,

@@ -24,6 +24,12 @@ driver does towards its user (../shared/spec/VFIO_UAPI.md §5-§8):
   device dirties ``precopy_dirty`` bytes (they really change) and offers them
   again; then reads give ENOMSG (``None``) until STOP_COPY, which streams
   every chunk not already sent clean, then the end record.
+* Data moves at the profile's rates, paced by the device itself (a read or
+  write returns once its bytes' time has passed): the data fd's
+  ``bandwidth`` for pre-copy reads and resume writes, and ``stopcopy_rate``,
+  the firmware's save rate, for STOP_COPY reads (``bandwidth`` when 0).
+  Each device keeps its own budget, so devices read in parallel are paced
+  in parallel (a rate per device, not per PF).
 
 Stream format (device-private, little-endian, like mtty's blob)::
 
@@ -483,7 +489,10 @@ class EmulatedDevice:
                 and not sess.pending_initial
             ):
                 self._dirty(sess)
-        self._pace(len(data))
+        rate = self.profile.bandwidth
+        if sess.stopcopy and self.profile.stopcopy_rate:
+            rate = self.profile.stopcopy_rate  # the firmware's save rate
+        self._pace(len(data), rate)
         return data
 
     def precopy_info(self, fd: int) -> tuple[int, int]:
@@ -499,12 +508,16 @@ class EmulatedDevice:
         sess = self._session_for(fd)
         return sess.init_left, sess.dirty_left
 
-    def _pace(self, n: int) -> None:
-        bw = self.profile.bandwidth
-        if not bw or n <= 0:
+    def _pace(self, n: int, rate: float) -> None:
+        """Hold the caller until ``n`` bytes at ``rate`` bytes/s have passed.
+
+        The device's own clock: one budget per device (not per PF), and idle
+        time is not banked (a read after a pause is paced from now).
+        """
+        if not rate or n <= 0:
             return
         now = time.monotonic()
-        self._bw_next = max(self._bw_next, now) + n / bw
+        self._bw_next = max(self._bw_next, now) + n / rate
         if self._bw_next > now:
             time.sleep(self._bw_next - now)
 
@@ -534,7 +547,7 @@ class EmulatedDevice:
         done = 0
         while done < len(view):
             done += os.write(fd, view[done:])
-        self._pace(done)
+        self._pace(done, self.profile.bandwidth)
         return done
 
     def check_resume(self, fd: int) -> None:

@@ -2,17 +2,42 @@
 
 A :class:`Profile` gives every VFIO arc a latency (ms, optional jitter), the
 size of the device state, the data bandwidth of the saving/resuming fd, the
-pre-copy initial and dirty byte counts, the migration flags, a PF
-concurrency limit (how many VFs of one PF may execute an arc at once: real PF
-firmware serialises) and per-arc fault injection.
+device's STOP_COPY save rate, the pre-copy initial and dirty byte counts, the
+migration flags, a PF concurrency limit (how many VFs of one PF may execute
+an arc at once: real PF firmware serialises) and per-arc fault injection.
 
 Built-in profiles:
 
 ``instant``  no latency, 64 KiB of state: the tests' device.
 ``fixed50``  every arc takes exactly 50 ms, 64 KiB of state, no PF limit:
              the benchmarks' reference device (its ideal downtime is known).
-``cx7``      a ConnectX-7 VF as measured in the seed thread (../shared/seeds/000):
-             ~100 MiB of state per VF, arcs costing tens to hundreds of ms.
+``cx7``      a ConnectX-7 VF, calibrated to the seed thread's downtime table
+             (../shared/seeds/000; the model and its fit are in
+             :mod:`mpvfio.seedtable`).  See below.
+
+The ``cx7`` model.  The seed's downtimes fit ``F + N x (T + D)`` with serial
+transitions and ``F + T + N x D`` with parallel ones (F = 200 ms fixed,
+T = 125 ms of stop + start arcs per VF, D = 163 ms of STOP_COPY data per VF,
+the data serial in the seed).  The profile supplies T and D:
+
+* **T**: the arcs inside the downtime, PRE_COPY -> PRE_COPY_P2P (15 ms) ->
+  STOP_COPY (42) on the source and RESUMING -> STOP (36) -> RUNNING_P2P (15)
+  -> RUNNING (10) on the target, 118 ms plus 0-2 ms jitter per arc.  The
+  arcs outside it (save_setup, load_setup, save_cleanup, the P2P/STOP arcs
+  of a plain switchover) cost 10-42 ms alike.
+* **D**: a real CX7 VF saves ~100 MiB in STOP_COPY, and what bounds that is
+  the firmware's save rate, not the link.  The emulation keeps the time and
+  scales the bytes down by ~30, so that moving the data through Python costs
+  little beside D.  The state is 4 MiB; pre-copy offers 768 KiB of it at the
+  data fd's 1.2 GB/s, then the running device dirties 64 KiB; STOP_COPY
+  streams what pre-copy did not send clean, ~3.3 MiB, at the device's save
+  rate ``stopcopy_rate`` = 24.5 MB/s: 142 ms per VF, the data path adding
+  ~20 ms.  The rate is per device: VFs read in parallel (multifd) save in
+  parallel.  The pre-copy data fits one 1 MiB read, so when the pre-copy
+  loop decides it has converged moves at most the 64 dirtied KiB (~3 ms).
+* **PF limit 4**: 4 VFs may run an arc at once.  The seed's enabled 4-VF
+  figure rules out 2 or 3 (two waves of arcs: +12 %); it cannot tell 4
+  from no limit, and 4 is the least value it allows.
 
 Profiles also load from JSON (:func:`load_profile`), e.g.::
 
@@ -113,7 +138,11 @@ class Profile:
     :param arc_ms: per-arc latency overrides, keyed ``"SRC>DST"``.
     :param jitter_ms: uniform extra latency 0..jitter per arc (seeded).
     :param state_size: bytes of device state (what STOP_COPY streams).
-    :param bandwidth: bytes/s of the data fd (0: unlimited).
+    :param bandwidth: bytes/s of the data fd, reads and writes (0: unlimited).
+    :param stopcopy_rate: bytes/s at which the device produces its STOP_COPY
+        data: the firmware's save rate once the device is stopped.  Reads of
+        the saving fd in STOP_COPY are paced at this rate instead of
+        ``bandwidth`` (0: ``bandwidth`` applies to them too).
     :param precopy_initial: initial pre-copy bytes (capped at state_size).
     :param precopy_dirty: bytes the device dirties once the initial data
         has been read (they are sent again).
@@ -129,6 +158,7 @@ class Profile:
     jitter_ms: float = 0.0
     state_size: int = 64 * KiB
     bandwidth: float = 0.0
+    stopcopy_rate: float = 0.0
     precopy_initial: int = 16 * KiB
     precopy_dirty: int = 4 * KiB
     pf_concurrency: int = 0
@@ -175,16 +205,20 @@ class Profile:
                 )
         if self.state_size < 1:
             raise ProfileError(f"profile {self.name!r}: state_size must be >= 1")
-        if (
-            not isinstance(self.bandwidth, int | float)
-            or isinstance(self.bandwidth, bool)
-            or self.bandwidth < 0
-            or not math.isfinite(self.bandwidth)
-        ):
-            raise ProfileError(
-                f"profile {self.name!r}: bandwidth must be >= 0 bytes/s "
-                f"(0 = unlimited), got {self.bandwidth!r}"
-            )
+        for what, rate, zero in [
+            ("bandwidth", self.bandwidth, "unlimited"),
+            ("stopcopy_rate", self.stopcopy_rate, "the bandwidth applies"),
+        ]:
+            if (
+                not isinstance(rate, int | float)
+                or isinstance(rate, bool)
+                or rate < 0
+                or not math.isfinite(rate)
+            ):
+                raise ProfileError(
+                    f"profile {self.name!r}: {what} must be >= 0 bytes/s "
+                    f"(0 = {zero}), got {rate!r}"
+                )
 
     def latency_ms(self, src: MigState, dst: MigState) -> float:
         """The configured latency of one arc, without jitter."""
@@ -208,6 +242,7 @@ class Profile:
             "jitter_ms": self.jitter_ms,
             "state_size": self.state_size,
             "bandwidth": self.bandwidth,
+            "stopcopy_rate": self.stopcopy_rate,
             "precopy_initial": self.precopy_initial,
             "precopy_dirty": self.precopy_dirty,
             "pf_concurrency": self.pf_concurrency,
@@ -232,21 +267,19 @@ def _check_arc_key(profile: str, key: str) -> None:
         )
 
 
-# The cx7 model (seed 000: 4 VFs 1385 ms serial, 986 ms with parallel threads,
-# ~100 MiB of state per VF).  Arc costs are per VF; the PF firmware lets two
-# VFs work at once, which is why the seed's threads gain less than N-fold.
+# The cx7 model: see the module docstring and mpvfio.seedtable.
 _CX7_ARCS = {
     "RUNNING>PRE_COPY": 20.0,
-    "PRE_COPY>PRE_COPY_P2P": 35.0,
-    "PRE_COPY_P2P>STOP_COPY": 120.0,
-    "RUNNING>RUNNING_P2P": 35.0,
-    "RUNNING_P2P>STOP": 60.0,
-    "STOP>STOP_COPY": 60.0,
+    "PRE_COPY>PRE_COPY_P2P": 15.0,
+    "PRE_COPY_P2P>STOP_COPY": 42.0,
+    "RUNNING>RUNNING_P2P": 15.0,
+    "RUNNING_P2P>STOP": 30.0,
+    "STOP>STOP_COPY": 42.0,
     "STOP_COPY>STOP": 15.0,
     "STOP>RESUMING": 10.0,
-    "RESUMING>STOP": 70.0,
-    "STOP>RUNNING_P2P": 25.0,
-    "RUNNING_P2P>RUNNING": 15.0,
+    "RESUMING>STOP": 36.0,
+    "STOP>RUNNING_P2P": 15.0,
+    "RUNNING_P2P>RUNNING": 10.0,
 }
 
 BUILTIN_PROFILES: dict[str, Profile] = {
@@ -257,11 +290,12 @@ BUILTIN_PROFILES: dict[str, Profile] = {
         default_arc_ms=20.0,
         arc_ms=_CX7_ARCS,
         jitter_ms=2.0,
-        state_size=100 * MiB,
+        state_size=4 * MiB,
         bandwidth=1.2e9,
-        precopy_initial=90 * MiB,
-        precopy_dirty=8 * MiB,
-        pf_concurrency=2,
+        stopcopy_rate=24.5e6,
+        precopy_initial=768 * KiB,
+        precopy_dirty=64 * KiB,
+        pf_concurrency=4,
     ),
 }
 

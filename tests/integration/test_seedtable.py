@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
 from mpvfio import seedtable
 from mpvfio.cli import main
+from mpvfio.devices.profiles import get_profile
+from mpvfio.errors import UsageError
 
 
 def test_row_arithmetic_and_json() -> None:
@@ -28,6 +31,36 @@ def test_the_seeds_six_numbers() -> None:
     assert seedtable.SEED_MS[("serial", 4)] == 1385.0
     assert seedtable.SEED_MS[("threads", 4)] == 986.0
     assert len(seedtable.SEED_MS) == 6
+
+
+@pytest.mark.parametrize(("key", "vfs"), sorted(seedtable.SEED_MS))
+def test_the_model_lands_within_5_percent_of_the_seed(key: str, vfs: int) -> None:
+    seed = seedtable.SEED_MS[(key, vfs)]
+    model = seedtable.MODEL.downtime_ms(key, vfs)
+    assert abs(model - seed) / seed < 0.05, (key, vfs, model, seed)
+
+
+def test_model_arithmetic() -> None:
+    m = seedtable.Model(fixed_ms=200, transition_ms=100, data_ms=10, pf_concurrency=2)
+    assert m.downtime_ms("serial", 4) == 200 + 4 * 110
+    assert m.downtime_ms("threads", 1) == 200 + 100 + 10
+    assert m.downtime_ms("threads", 3) == 200 + 2 * 100 + 3 * 10  # two waves
+    assert m.downtime_ms("workers", 4) == m.downtime_ms("threads", 4)
+    assert m.downtime_ms("workers+multifd", 4) == 200 + 2 * 100 + 10
+    free = seedtable.Model(fixed_ms=200, transition_ms=100, data_ms=10)
+    assert free.downtime_ms("threads", 64) == 200 + 100 + 640  # no PF limit
+    with pytest.raises(UsageError, match="nosuch"):
+        m.downtime_ms("nosuch", 1)
+    with pytest.raises(UsageError):
+        m.downtime_ms("serial", 0)
+
+
+def test_the_fit_needs_a_pf_limit_of_at_least_4() -> None:
+    """A PF limit of 2 puts the enabled 4-VF figure far outside 5 %."""
+    two = dataclasses.replace(seedtable.MODEL, pf_concurrency=2)
+    seed = seedtable.SEED_MS[("threads", 4)]
+    assert two.downtime_ms("threads", 4) / seed - 1 > 0.10
+    assert seedtable.MODEL.pf_concurrency == get_profile("cx7").pf_concurrency == 4
 
 
 @pytest.mark.timeout(300)

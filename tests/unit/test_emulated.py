@@ -1105,3 +1105,97 @@ def test_arc_record_to_dict(own: Owner) -> None:
         0,
     )
     assert rec.ms >= 0
+
+
+# ------------------------------------------------------------------- pacing
+class FakeClock:
+    """Stands in for the emulated module's ``time``: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept = 0.0
+        self.frozen = False
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def monotonic_ns(self) -> int:
+        return int(self.now * 1e9)
+
+    def sleep(self, s: float) -> None:
+        assert s >= 0
+        self.slept += s
+        if not self.frozen:
+            self.now += s
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    import mpvfio.devices.emulated as emulated
+
+    fake = FakeClock()
+    monkeypatch.setattr(emulated, "time", fake)
+    return fake
+
+
+PACED: dict[str, Any] = {
+    "state_size": 64 * 1024,
+    "precopy_initial": 16 * 1024,
+    "precopy_dirty": 0,
+    "bandwidth": 1e6,
+}
+
+
+def test_stopcopy_rate_paces_only_stop_copy_reads(own: Owner, clock: FakeClock) -> None:
+    dev = own.dev(profile=prof(**PACED, stopcopy_rate=1e5))
+    fd = own.fd(dev.set_state(S.PRE_COPY))
+    pre = drain_precopy(dev, fd, 5000)
+    assert clock.slept == pytest.approx(len(pre) / 1e6)  # the data fd's rate
+    clock.slept = 0.0
+    dev.set_state(S.STOP_COPY)
+    rest = drain(dev, fd, 7000)
+    assert clock.slept == pytest.approx(len(rest) / 1e5)  # the save rate
+    data = pre + rest
+    clock.slept = 0.0
+    other = own.dev("vf1", profile=prof(**PACED, stopcopy_rate=1e5))
+    other.set_state(S.STOP)
+    wfd = own.fd(other.set_state(S.RESUMING))
+    load(other, wfd, data, 9000)
+    assert clock.slept == pytest.approx(len(data) / 1e6)  # writes: bandwidth
+    other.set_state(S.STOP)
+    assert other.checksum() == dev.checksum()
+
+
+def test_stop_copy_reads_use_the_bandwidth_without_a_save_rate(
+    own: Owner, clock: FakeClock
+) -> None:
+    dev = own.dev(profile=prof(**PACED))
+    dev.set_state(S.STOP)
+    fd = own.fd(dev.set_state(S.STOP_COPY))
+    data = drain(dev, fd, 10_000)
+    assert clock.slept == pytest.approx(len(data) / 1e6)
+
+
+def test_pacing_is_per_device_and_banks_no_idle_time(
+    own: Owner, clock: FakeClock
+) -> None:
+    p = prof(**PACED, stopcopy_rate=1e5)
+    a, b = own.dev("vf0", profile=p), own.dev("vf1", profile=p)
+    fds = []
+    for d in (a, b):
+        d.set_state(S.STOP)
+        fds.append(own.fd(d.set_state(S.STOP_COPY)))
+    clock.frozen = True  # reads "in parallel": sleeping does not move time
+    waits = []
+    for d, fd in ((a, fds[0]), (b, fds[1]), (a, fds[0])):
+        before = clock.slept
+        assert d.read_data(fd, 1000) is not None
+        waits.append(clock.slept - before)
+    # vf1 has its own budget (a PF-wide one would make it wait 20 ms);
+    # vf0's second read waits for its first one too
+    assert waits == pytest.approx([0.01, 0.01, 0.02])
+    clock.frozen = False
+    clock.now += 5.0  # a long pause earns no credit
+    before = clock.slept
+    assert a.read_data(fds[0], 1000) is not None
+    assert clock.slept - before == pytest.approx(0.01)

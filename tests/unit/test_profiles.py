@@ -66,16 +66,41 @@ def test_fixed50_every_arc_takes_50ms() -> None:
     assert prof.state_size == 64 * 1024
 
 
-def test_cx7_is_about_100_mib() -> None:
+def test_cx7_is_the_calibrated_seed_model() -> None:
+    """The numbers mpvfio.seedtable's docstring derives from the seed's table."""
     prof = get_profile("cx7")
-    assert 90 * MiB <= prof.state_size <= 110 * MiB
-    assert prof.pf_concurrency == 2
-    assert prof.bandwidth > 0
-    assert 0 < prof.precopy_initial <= prof.state_size
     assert prof.flags == ALL_FLAGS
-    # every arc costs something (README: 10-120 ms per arc)
+    assert prof.pf_concurrency == 4  # the least limit the seed's 4-VF row allows
+    # T: the five arcs inside the downtime, 118 ms, plus 0-2 ms jitter each
+    downtime_arcs = [
+        (MigState.PRE_COPY, MigState.PRE_COPY_P2P),
+        (MigState.PRE_COPY_P2P, MigState.STOP_COPY),
+        (MigState.RESUMING, MigState.STOP),
+        (MigState.STOP, MigState.RUNNING_P2P),
+        (MigState.RUNNING_P2P, MigState.RUNNING),
+    ]
+    assert sum(prof.latency_ms(a, b) for a, b in downtime_arcs) == 118.0
+    assert prof.jitter_ms == 2.0
+    # every arc costs something, none more than the quiesce-and-save arc
     for src, dst in ARCS:
-        assert 10.0 <= prof.latency_ms(src, dst) <= 120.0
+        assert 10.0 <= prof.latency_ms(src, dst) <= 42.0, arc_key(src, dst)
+    # D: a scaled-down payload read at the device's save rate (~142 ms)
+    assert prof.state_size == 4 * MiB
+    assert 0 < prof.precopy_initial < prof.state_size
+    stop_copy = prof.state_size - prof.precopy_initial + prof.precopy_dirty
+    assert stop_copy / prof.stopcopy_rate * 1000 == pytest.approx(142.0, abs=1.0)
+    # pre-copy is fast (the data fd) and fits one 1 MiB read with its headers,
+    # so the STOP_COPY size barely depends on when pre-copy converges
+    assert prof.bandwidth >= 40 * prof.stopcopy_rate
+    records = (prof.precopy_initial // 4096) * 16 + 32
+    assert prof.precopy_initial + records <= 1 * MiB
+
+
+def test_stopcopy_rate_defaults_to_off_and_round_trips() -> None:
+    assert Profile(name="p").stopcopy_rate == 0.0
+    prof = profile_from_dict({"base": "instant", "stopcopy_rate": 5e6})
+    assert prof.stopcopy_rate == 5e6
+    assert prof.to_dict()["stopcopy_rate"] == 5e6
 
 
 def test_get_profile_unknown_names_the_valid_ones() -> None:
@@ -344,6 +369,11 @@ def test_bad_bandwidth(value: Any) -> None:
     assert "bandwidth" in _err({"bandwidth": value})
 
 
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, "fast", True])
+def test_bad_stopcopy_rate(value: Any) -> None:
+    assert "stopcopy_rate" in _err({"stopcopy_rate": value})
+
+
 def test_empty_name() -> None:
     with pytest.raises(ProfileError, match="name"):
         Profile(name="")
@@ -376,6 +406,7 @@ CUSTOM = Profile(
     jitter_ms=0.25,
     state_size=12345,
     bandwidth=1e6,
+    stopcopy_rate=2.5e5,
     precopy_initial=4000,
     precopy_dirty=100,
     pf_concurrency=3,
