@@ -15,9 +15,10 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from mpvfio import __version__
+from mpvfio import __version__, arcreport
 from mpvfio.argtypes import positive_float as _positive_float
 from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.errors import MpvfioError, UsageError
@@ -369,6 +370,7 @@ def _add_migrate(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    arcreport.add_arguments(p, png_option="--arcs-png")
     p.set_defaults(func=_cmd_migrate)
 
 
@@ -455,7 +457,12 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     rows, equal = doc["rows"], doc["checksums_equal"]
     if args.timeline:
         local.timeline_png(infos[-1][1], args.timeline)
+    # the arc report of the last row (with --compare: parallel + multifd)
+    arcs = arcreport.arcs_from_dicts(asdict(s) for s in infos[-1][1].timeline)
     if args.json:
+        report = arcreport.emit(args, arcs)
+        if report is not None:
+            doc[arcreport.JSON_KEY] = report
         print(json.dumps(doc, indent=2))
         return EXIT_OK if equal else EXIT_FAILED
     what = "device specs" if args.devices else f"profile {profile.name}"
@@ -475,6 +482,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     )
     if args.timeline:
         print(f"timeline drawn to {args.timeline}")
+    if getattr(args, "arcs_text", False) or getattr(args, "arcs_json", False):
+        print(f"\narc report ({infos[-1][0]}):")
+    arcreport.emit(args, arcs)
     return EXIT_OK if equal else EXIT_FAILED
 
 
@@ -500,8 +510,6 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
         say(f"waiting for a migration on {args.listen}")
         info = incoming(m, args.listen, params, progress=say)
     if args.json:
-        from dataclasses import asdict
-
         print(json.dumps(asdict(info), indent=2, default=str))
     else:
         print(
@@ -656,6 +664,7 @@ def _add_switchover(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress lines on stderr"
     )
+    arcreport.add_arguments(p, png_option="--timeline")
     p.set_defaults(func=_cmd_switchover)
 
 
@@ -720,8 +729,19 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
         machine.start()
         result = run_switchover(machine, rounds=args.rounds, progress=say)
         last = machine.devices
+    arcs = arcreport.arcs_from_dicts(
+        a
+        for rnd in result.rounds
+        for dev in rnd.devices
+        for phase in ("stop", "start")
+        for a in dev.arcs.get(phase, [])
+    )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        doc = result.to_dict()
+        report = arcreport.emit(args, arcs)
+        if report is not None:
+            doc[arcreport.JSON_KEY] = report
+        print(json.dumps(doc, indent=2))
         return EXIT_OK if result.ok else EXIT_FAILED
     med = result.median
     print(
@@ -758,6 +778,7 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     for err in result.errors:
         print(f"device error: {err}")
     del last
+    arcreport.emit(args, arcs)
     print("result: " + ("OK" if result.ok else "FAILED"))
     return EXIT_OK if result.ok else EXIT_FAILED
 
