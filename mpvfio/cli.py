@@ -560,7 +560,9 @@ def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
         type=float,
         default=None,
         metavar="MS",
-        help="the model's fixed downtime F (RAM, other devices)",
+        help="how long the source's priority-0 handler sleeps on stop: the "
+        "model's fixed downtime F (RAM, other devices) minus the ~8 ms the "
+        "engine's own fixed steps take (default: seedtable.FIXED_MS)",
     )
     t.add_argument("--plot", metavar="FILE.png", help="draw it (matplotlib)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
