@@ -288,7 +288,7 @@ class VFIODevice:
             self._apply(getattr(exc, "status", None))
             raise
         finally:
-            self.machine._flush_events()
+            self.machine._flush_events(w)
         self._apply(status)
         return value
 
@@ -322,7 +322,7 @@ class VFIODevice:
             self._apply(getattr(exc, "status", None))
             raise
         finally:
-            self.machine._flush_events()
+            self.machine._flush_events(w)
         self._apply(status)
         return value
 
@@ -967,7 +967,7 @@ class Machine:
             except MpvfioError as exc:  # the worker's own error, reported
                 d._apply(getattr(exc, "status", None))
                 d._error(exc)
-        self._flush_events()
+        self._flush_events(w)
         if failed is not None:
             self._recover(d, failed)
 
@@ -1020,7 +1020,7 @@ class Machine:
         except MpvfioError as exc:  # the worker's own error, reported
             d._apply(getattr(exc, "status", None))
             d._error(exc)
-        self._flush_events()
+        self._flush_events(w)
 
     def _recover(self, d: VFIODevice, cause: MpvfioError) -> None:
         """Replace a dead or hung worker; the fresh one resets the device."""
@@ -1052,14 +1052,22 @@ class Machine:
         for ev in sorted(events, key=lambda e: e.mono_ns):
             self.events.emit(ev)
 
-    def _flush_events(self) -> None:
+    def _flush_events(self, w: WorkerHandle | None = None) -> None:
         """Deliver every worker event counted so far (workers mode).
 
         The event pump delivers them as they are written; this makes sure
         none is still on its way when a notification or a call returns.
+        With ``w`` (a join, a call): nothing to do unless ``w`` counted an
+        event not drained yet or the pump holds some (no lock, no syscall:
+        the hot path of a notification without events).
         """
-        if self._pump is not None:
-            self._pump.flush()
+        pump = self._pump
+        if pump is None:
+            return
+        # the counter first, then the pump (see EventPump.flush)
+        if w is not None and not w.events_pending() and pump.settled:
+            return
+        pump.flush()
 
     # ------------------------------------------------------ stop / start
     def vm_stop(self, state: RunState | str = RunState.FINISH_MIGRATE) -> int:

@@ -78,6 +78,7 @@ class EventPump:
         self._stop = threading.Event()
         self._dirty = True
         self._held: list[Event] = []  # drained, stamped after the last cut
+        self._busy = False  # a batch is being drained and delivered
         self._thread: threading.Thread | None = None
         #: batches delivered by the thread (not by :meth:`flush`): a test hook
         self.pumped = 0
@@ -101,8 +102,20 @@ class EventPump:
         except (BlockingIOError, OSError):  # full: a wake-up is pending anyway
             pass
 
+    @property
+    def settled(self) -> bool:
+        """No drained event waits for delivery (read it *after* a counter)."""
+        return not self._busy and not self._held
+
     def flush(self) -> int:
         """Deliver every event counted so far, here; how many."""
+        # Lock-free fast path.  Order matters: counters first, then the
+        # pump's state.  A counter that reads as drained was drained before
+        # this read; if the pump drained it, it is still marked busy (or
+        # holding) until those events are delivered.
+        pending = any(h.events_pending() for h in self._handles())
+        if not pending and self.settled:
+            return 0
         with self.lock:
             n = self._drain()
             while self._held:  # stamped during the cut: the next one frees them
@@ -111,19 +124,23 @@ class EventPump:
 
     def _drain(self) -> int:
         """One batch (module docstring); how many events it delivered."""
-        t0 = time.monotonic_ns()
-        buf = self._held
-        for h in self._handles():
-            if h.events_pending():
-                buf.extend(h.drain_events())
-        if not buf:
-            return 0
-        out = [e for e in buf if e.mono_ns < t0]
-        self._held = [e for e in buf if e.mono_ns >= t0]
-        if out:
-            out.sort(key=lambda e: e.mono_ns)
-            self._deliver(out)
-        return len(out)
+        self._busy = True  # before any counter is read (see flush)
+        try:
+            t0 = time.monotonic_ns()
+            buf = self._held
+            for h in self._handles():
+                if h.events_pending():
+                    buf.extend(h.drain_events())
+            if not buf:
+                return 0
+            out = [e for e in buf if e.mono_ns < t0]
+            self._held = [e for e in buf if e.mono_ns >= t0]
+            if out:
+                out.sort(key=lambda e: e.mono_ns)
+                self._deliver(out)
+            return len(out)
+        finally:
+            self._busy = False
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread and close the wake-up pipe (idempotent)."""
