@@ -928,7 +928,13 @@ class Machine:
                 broken = True
                 break
         if broken:
-            _log.warning("P2P barrier broken; failed: %s", ", ".join(rnd.failed))
+            if rnd.failed:
+                _log.warning("P2P barrier broken; failed: %s", ", ".join(rnd.failed))
+            else:  # a waiting party's own timeout broke it: a hung party
+                _log.warning(
+                    "P2P barrier broken by a party's wait timeout; the party "
+                    "that never arrived is named at its join"
+                )
         self._flush_events()  # every phase-1 event is out before main callbacks
 
     @staticmethod
