@@ -538,6 +538,11 @@ def bench_switchover(
             f"unknown transport(s) {', '.join(bad_t) or '(none)'}; valid: "
             f"{', '.join(TRANSPORTS)}"
         )
+    if "vfio-user" in trans and any(sp is None for sp in specs):
+        raise UsageError(
+            "the vfio-user transport needs every profile by name or JSON path "
+            "(the device server process loads it)"
+        )
     say = progress or (lambda _msg: None)
     load_before = os.getloadavg()[0]
     results: list[ConfigResult] = []

@@ -65,14 +65,14 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from mpvfio.devices.base import ArcRecord, DeviceBackend
 from mpvfio.devices.emulated import new_backing
 from mpvfio.devices.profiles import Profile, get_profile
-from mpvfio.devices.registry import parse_spec
+from mpvfio.devices.registry import device_identity, parse_spec
 from mpvfio.errors import (
     DeviceError,
     MpvfioError,
@@ -513,6 +513,13 @@ class Machine:
                     )
                 profile = rest
             else:
+                ident = device_identity(spec)
+                for other in self.devices:
+                    if other.spec is not None and device_identity(other.spec) == ident:
+                        raise UsageError(
+                            f"{spec} is already {other.name} of this VM: one "
+                            "device cannot be two VFs"
+                        )
                 backend_spec = spec
                 if profile is None:
                     profile = Profile(name=scheme)
@@ -892,7 +899,12 @@ class Machine:
             if barrier.generation > rnd.barrier_gen:
                 break
             if barrier.broken:
+                # a party's own wait timed out: whoever never arrived is
+                # removed now, as the parent's own deadline would have done
                 broken = True
+                for d in rnd.parties:
+                    if d.name not in rnd.failed and not self._arrived(d):
+                        self._fail_in_round(d, rnd)
                 break
             if _posix.acquire(slots.crossed, WATCH_SLICE_S):
                 continue
@@ -928,13 +940,13 @@ class Machine:
                 broken = True
                 break
         if broken:
-            if rnd.failed:
-                _log.warning("P2P barrier broken; failed: %s", ", ".join(rnd.failed))
-            else:  # a waiting party's own timeout broke it: a hung party
-                _log.warning(
-                    "P2P barrier broken by a party's wait timeout; the party "
-                    "that never arrived is named at its join"
-                )
+            reason = barrier.diagnostics().get("broken_reason", "?")
+            _log.warning(
+                "P2P barrier broken (%s); failed: %s",
+                reason,
+                ", ".join(rnd.failed)
+                or "none yet (a party that arrived and then hung is named at its join)",
+            )
         self._flush_events()  # every phase-1 event is out before main callbacks
 
     @staticmethod
@@ -1033,13 +1045,25 @@ class Machine:
         old = d.worker
         if old is None:
             return
-        self._flush_events()  # what the old worker counted is not lost
         old.kill()
-        old.close(timeout=1.0)
-        fresh = self._handle(d)
-        d.worker = fresh
+        self._flush_events()  # what the old worker counted is not lost
+        # The handle swap happens with no event batch in progress: a drain
+        # never meets a closed pipe or a fresh handle not launched yet.
+        with self._pump.paused() if self._pump is not None else nullcontext():
+            old.close(timeout=1.0)
+            fresh = self._handle(d)
+            try:
+                fresh.launch()
+            finally:
+                d.worker = fresh
+        if self._pump is not None:
+            self._pump.changed()
         try:
-            start_workers([fresh])
+            try:
+                fresh.handshake()
+            except BaseException:
+                fresh.close(timeout=1.0)
+                raise
             _, status = fresh.call_status("reset")
             d._apply(status)
         except MpvfioError as exc:
@@ -1047,8 +1071,6 @@ class Machine:
             _log.error("%s: recovery after %s failed: %s", d.name, cause, exc)
             return
         finally:
-            if self._pump is not None:
-                self._pump.changed()
             self._flush_events()
         d._state = MigState.RUNNING
         _log.warning("%s: recovered by a fresh worker after: %s", d.name, cause)

@@ -38,6 +38,7 @@ import os
 import pickle
 import select
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -65,6 +66,13 @@ __all__ = ["START_METHOD", "SentinelWatch", "WorkerHandle", "start_workers"]
 _log = logging.getLogger(__name__)
 START_METHOD = "fork"
 _PICKLE = pickle.HIGHEST_PROTOCOL
+#: Held around every fork of a worker and around every delivery of worker
+#: events to subscribers (:mod:`mpvfio.workers.pump`): a worker is never
+#: forked while another thread runs subscriber code, which may hold locks
+#: (stdio buffers, a subscriber's own) the child would inherit held
+#: (PERF_LIMITS pitfall 7).  Reentrant: a subscriber may cause a fork.
+FORK_LOCK = threading.RLock()
+
 #: Default deadline for a worker to open its device and say "ready".
 HANDSHAKE_TIMEOUT_S = 30.0
 #: A transition's join looks at the worker's sentinel at least this often
@@ -179,7 +187,8 @@ class WorkerHandle:
             name=f"mpvfio-worker-{self.name}",
             daemon=True,
         )
-        proc.start()
+        with FORK_LOCK:  # no event pump is inside a subscriber right now
+            proc.start()
         child_cmd.close()
         ev_write.close()
         self.cmd, self.ev, self.proc = parent_cmd, ev_read, proc
@@ -425,7 +434,7 @@ class WorkerHandle:
         written completely.
         """
         n = self.slot.mv[sl.EV_COUNT] - self._ev_seen
-        if n <= 0 or self.closed:
+        if n <= 0 or self.closed or self.ev is None:
             return []
         out: list[Event] = []
         try:

@@ -30,6 +30,11 @@ batch; the next batch (at once) releases it.
 same lock (the machine flushes before a notification returns, so every
 event of the notification is out when ``vm_stop``/``vm_start`` return).
 
+Subscribers are called on the pump's thread (or on the thread of a
+flush), one batch at a time, in order: a subscriber must not call into the
+machine (its devices' calls are not thread-safe); a flush reached from a
+subscriber returns at once instead of deadlocking on the batch it is in.
+
 A pipe that stays readable with nothing counted (its worker died between
 the write and the count) is dropped from the poll set until the next
 :meth:`changed` (the machine calls it when it replaces a worker), so the
@@ -38,15 +43,16 @@ pump never spins.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from mpvfio.events import Event
-from mpvfio.workers.pool import WorkerHandle
+from mpvfio.workers.pool import FORK_LOCK, WorkerHandle
 
 __all__ = ["EventPump"]
 
@@ -57,6 +63,8 @@ _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 IDLE_S = 1.0
 #: A readable pipe with nothing counted this many times in a row is dropped.
 STRIKES = 20
+#: The longest a flush waits for a batch being delivered by another thread.
+FLUSH_TIMEOUT_S = 30.0
 
 
 class EventPump:
@@ -79,6 +87,7 @@ class EventPump:
         self._dirty = True
         self._held: list[Event] = []  # drained, stamped after the last cut
         self._busy = False  # a batch is being drained and delivered
+        self._tls = threading.local()  # .delivering: inside a subscriber
         self._thread: threading.Thread | None = None
         #: batches delivered by the thread (not by :meth:`flush`): a test hook
         self.pumped = 0
@@ -107,8 +116,28 @@ class EventPump:
         """No drained event waits for delivery (read it *after* a counter)."""
         return not self._busy and not self._held
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[bool]:
+        """Hold off every batch for a ``with`` block (a worker swap).
+
+        Yields whether the pump lock was taken (``False`` after
+        :data:`FLUSH_TIMEOUT_S`: a subscriber blocks; the block runs anyway).
+        """
+        got = self.lock.acquire(timeout=FLUSH_TIMEOUT_S)
+        if not got:
+            _log.error("event pump: a batch blocks; swapping a worker without it")
+        try:
+            yield got
+        finally:
+            if got:
+                self.lock.release()
+
     def flush(self) -> int:
         """Deliver every event counted so far, here; how many."""
+        if getattr(self._tls, "delivering", False):
+            # a subscriber reached a flush (it called into the machine):
+            # the batch it is part of is being delivered by this very thread
+            return 0
         # Lock-free fast path.  Order matters: counters first, then the
         # pump's state.  A counter that reads as drained was drained before
         # this read; if the pump drained it, it is still marked busy (or
@@ -116,11 +145,20 @@ class EventPump:
         pending = any(h.events_pending() for h in self._handles())
         if not pending and self.settled:
             return 0
-        with self.lock:
+        if not self.lock.acquire(timeout=FLUSH_TIMEOUT_S):
+            _log.error(
+                "event flush: a batch has been in delivery for %.0f s (a "
+                "subscriber blocks?); going on without it",
+                FLUSH_TIMEOUT_S,
+            )
+            return 0
+        try:
             n = self._drain()
             while self._held:  # stamped during the cut: the next one frees them
                 n += self._drain()
             return n
+        finally:
+            self.lock.release()
 
     def _drain(self) -> int:
         """One batch (module docstring); how many events it delivered."""
@@ -137,7 +175,12 @@ class EventPump:
             self._held = [e for e in buf if e.mono_ns >= t0]
             if out:
                 out.sort(key=lambda e: e.mono_ns)
-                self._deliver(out)
+                self._tls.delivering = True
+                try:
+                    with FORK_LOCK:
+                        self._deliver(out)
+                finally:
+                    self._tls.delivering = False
             return len(out)
         finally:
             self._busy = False
@@ -190,6 +233,9 @@ class EventPump:
             except InterruptedError:
                 continue
             readable = []
+            for fd in list(strikes):  # quiet now: its strikes are forgiven
+                if all(fd != r for r, _ in ready):
+                    del strikes[fd]
             for fd, mask in ready:
                 if fd == self._wake_r:
                     try:

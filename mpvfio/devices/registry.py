@@ -17,13 +17,14 @@ vfio-user, ``fd=``/``iommufd=`` for the kernel).  Anything else raises
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 from mpvfio.devices.base import DeviceBackend
 from mpvfio.errors import UsageError
 
-__all__ = ["SCHEMES", "open_backend", "parse_spec"]
+__all__ = ["SCHEMES", "device_identity", "open_backend", "parse_spec"]
 
 #: scheme -> what follows the colon
 SCHEMES: dict[str, str] = {
@@ -54,6 +55,18 @@ def parse_spec(spec: str) -> tuple[str, str]:
             "supported; use the device's cdev, vfio:/dev/vfio/devices/vfioN"
         )
     return scheme, rest
+
+
+def device_identity(spec: str) -> str | None:
+    """What two specs of one real device have in common (``None``: emulated).
+
+    ``vfio-user:./pf/vf0.sock`` and ``vfio-user:/abs/pf/vf0.sock`` name the
+    same device; an emulated spec names a fresh device every time.
+    """
+    scheme, rest = parse_spec(spec)
+    if scheme == "emulated":
+        return None
+    return f"{scheme}:{os.path.realpath(rest)}"
 
 
 def open_backend(spec: str, **kw: Any) -> DeviceBackend:

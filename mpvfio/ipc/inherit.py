@@ -47,12 +47,24 @@ def _identity(fd: int) -> tuple[int, int, int] | None:
 def _close_in_child() -> None:
     # the child has one thread: the parent's lock may have been held by
     # another thread at fork time, so it is not taken here
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        null = -1
     for fd, dev, ino in list(_fds):
         if _identity(fd) == (fd, dev, ino):  # still that socket, not a reuse
             try:
-                os.close(fd)
+                if null >= 0:
+                    # /dev/null takes the number: the inherited socket object
+                    # still names it, and a later close of that object must
+                    # not hit a descriptor the child opened since
+                    os.dup2(null, fd)
+                else:
+                    os.close(fd)
             except OSError:
                 pass
+    if null >= 0:
+        os.close(null)
     _fds.clear()
 
 

@@ -421,11 +421,16 @@ def _released(lock: MachineLock | None, timeout: float, stage: str) -> Iterator[
     lock.release()
     try:
         yield
-    finally:
+    except BaseException:
+        # the body's error is the one to report: a lock still busy must not
+        # hide it (the caller's rollback waits for the lock again)
         if not lock.acquire(timeout):
-            raise MigrationError(
-                f"the machine lock was not handed back within {timeout:g} s", stage
-            )
+            _log.error("the machine lock was not handed back within %g s", timeout)
+        raise
+    if not lock.acquire(timeout):
+        raise MigrationError(
+            f"the machine lock was not handed back within {timeout:g} s", stage
+        )
 
 
 def _pause(lock: MachineLock | None, timeout: float, stage: str) -> None:
@@ -691,8 +696,22 @@ def migrate(
             reason = _target_reason(chans, exc)
         if chans is not None:  # before the rollback: a loading target fails now
             chans.close()
-        if lock is not None and not lock.owned() and not lock.acquire(p.timeout):
-            _log.error("rollback without the machine lock: it was not handed back")
+        locked = lock is None or lock.owned()
+        for _ in range(3):  # a stop/cont in progress ends within its timeouts
+            if locked:
+                break
+            assert lock is not None
+            locked = lock.acquire(p.timeout)
+        if not locked:
+            # a notification that hangs this long: rolling back beside it
+            # would run two notifications at once; report instead
+            info.error = (
+                f"{exc}; the VM was not restarted: the machine stayed busy for "
+                f"{3 * p.timeout:g} s (a stop/cont that hangs?)"
+            )
+            _log.error("%s", info.error)
+            info.total_ms = (time.monotonic_ns() - t0) / 1e6
+            raise MigrationError(info.error, info.stage) from exc
         if state["committed"] and not state["target_idle"]:
             detail = (
                 reason.args[0] if isinstance(reason, MigrationError) else str(reason)

@@ -28,7 +28,7 @@ from typing import Any
 import multiprocess as mp
 
 from mpvfio.devices.profiles import Profile, get_profile
-from mpvfio.devices.registry import parse_spec
+from mpvfio.devices.registry import device_identity
 from mpvfio.errors import MpvfioError, UsageError
 from mpvfio.ipc.names import sweep_stale
 from mpvfio.machine import Machine
@@ -101,16 +101,14 @@ def _check_specs(
             f"{len(devices)} source device(s) but {len(target_devices)} target "
             "device(s): a migration pairs them one to one"
         )
-    for spec in devices:
-        parse_spec(spec)
+    src = {device_identity(s): s for s in devices}
     for spec in target_devices:
-        parse_spec(spec)
-    shared = set(devices) & set(target_devices)
-    if shared and not all(spec.startswith("emulated:") for spec in shared):
-        raise UsageError(
-            f"{sorted(shared)[0]} is both a source and a target device: a real "
-            "device cannot be on both sides of a migration"
-        )
+        ident = device_identity(spec)
+        if ident is not None and ident in src:
+            raise UsageError(
+                f"{spec} is both a source and a target device: a real device "
+                "cannot be on both sides of a migration"
+            )
     return len(devices)
 
 

@@ -368,3 +368,66 @@ def test_launch_pf_vm_demo_drives_a_vm_on_a_device_server(kill_ms: int) -> None:
         assert re.search(r"vf0: [1-9]\d* device error", res.stdout), res.stdout
     else:
         assert res.stdout.count("event VFIO_MIGRATION") == 8
+
+
+def test_one_device_cannot_be_two_vfs(short_tmp: Path) -> None:
+    with Machine("workers") as m:
+        m.add_vfio_device(spec=f"vfio-user:{short_tmp}/pf/vf0.sock")
+        with pytest.raises(UsageError, match="already vf0"):
+            m.add_vfio_device(spec=f"vfio-user:{short_tmp}/pf/../pf/vf0.sock")
+        m.add_vfio_device(spec="emulated:instant")
+        m.add_vfio_device(spec="emulated:instant")  # emulated: new each time
+    here = os.getcwd()
+    os.chdir(short_tmp)
+    try:
+        with pytest.raises(UsageError, match="both a source and a target"):
+            run_local(
+                1,
+                devices=["vfio-user:a.sock"],
+                target_devices=[f"vfio-user:{short_tmp}/a.sock"],
+            )
+    finally:
+        os.chdir(here)
+
+
+def test_bench_refuses_vfio_user_with_a_profile_object_before_running() -> None:
+    from mpvfio.devices.profiles import get_profile
+
+    with pytest.raises(UsageError, match="by name or JSON path"):
+        bench_switchover(
+            [1],
+            ["instant", get_profile("instant")],
+            ["serial"],
+            transports=["vfio-user"],
+        )
+
+
+def test_a_subscriber_that_calls_into_the_machine_does_not_deadlock() -> None:
+    """Found in review: a flush reached from inside a delivery waited forever."""
+    from mpvfio.events import Event
+    from mpvfio.vfiomig import MigrationProps
+
+    with Machine("workers", transition_timeout=10) as m:
+        for _ in range(2):
+            m.add_vfio_device(profile="instant", props=MigrationProps(True))
+        m.start()
+        seen: list[str] = []
+
+        def cb(ev: Event) -> None:
+            seen.append(str(ev.data.get("device-state")))
+            m.events  # noqa: B018 - touching the machine is fine
+            m._flush_events()  # what d.call() does in its finally
+
+        sub = m.events.subscribe(cb, ["VFIO_MIGRATION"])
+        done = threading.Event()
+
+        def stop() -> None:
+            m.vm_stop()
+            done.set()
+
+        t = threading.Thread(target=stop, daemon=True)
+        t.start()
+        assert done.wait(20), "vm_stop deadlocked in a subscriber's flush"
+        t.join(5)
+        sub.cancel()
+        assert seen.count("stop") == 2
