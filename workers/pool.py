@@ -23,12 +23,16 @@ tells in one ``poll()`` which of many workers died.
 
 Start method: **fork**.  ../shared/spec/PERF_LIMITS.md measured 2 ms and
 1.5 MiB USS per forked worker against 65 ms and 13 MiB for spawn (256 spawned
-workers: 18 s to start, 5 s to join).  Fork needs care: the parent forks
-before it starts threads of its own (workers mode starts none), and the
-worker inherits the device's shared state mapping and opens the named IPC
-objects itself.  Workers die with the parent (PR_SET_PDEATHSIG) and every
-handle is reaped by :meth:`WorkerHandle.close` (exit command, join with a
-timeout, SIGTERM, SIGKILL, join).
+workers: 18 s to start, 5 s to join).  Fork needs care: a machine forks
+its first workers before it starts its one thread (the event pump), later
+forks (a replacement worker, another machine's workers) happen under
+:data:`FORK_LOCK`, which every delivery of events to subscribers holds, and
+the sockets the parent serves are closed in the child
+(:mod:`mpvfio.ipc.inherit`).  The worker inherits the device's shared state
+mapping and opens the named IPC objects itself.  Workers die with the
+parent (PR_SET_PDEATHSIG) and every handle is reaped by
+:meth:`WorkerHandle.close` (exit command, join with a timeout, SIGTERM,
+SIGKILL, join).
 """
 
 from __future__ import annotations
