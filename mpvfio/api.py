@@ -5,6 +5,11 @@ typed, and ``tests/unit/test_api.py`` pins the list.  ``import mpvfio``
 itself stays minimal (version only), so importing a low layer never pulls in
 the orchestrator.
 
+It covers the machine (modes, devices of every backend, the handler list),
+the switchover and live migration (``migrate``, ``incoming``, ``run_local``),
+the device transports (``open_backend``, ``VFIOUserDevice``,
+``DeviceServer``, ``ServerProcess``) and the arc report.
+
 Example::
 
     from mpvfio.api import Machine, MigrationProps, RunState, run_switchover
@@ -21,14 +26,22 @@ Example::
 
 from __future__ import annotations
 
+from mpvfio.arcreport import report_json as arc_report_json
+from mpvfio.arcreport import text_report as arc_report_text
 from mpvfio.devices.base import ArcRecord as ArcRecord
 from mpvfio.devices.base import DeviceBackend as DeviceBackend
 from mpvfio.devices.emulated import EmulatedDevice as EmulatedDevice
+from mpvfio.devices.kernel import KernelVFIODevice as KernelVFIODevice
 from mpvfio.devices.profiles import BUILTIN_PROFILES as BUILTIN_PROFILES
 from mpvfio.devices.profiles import Fault as Fault
 from mpvfio.devices.profiles import Profile as Profile
 from mpvfio.devices.profiles import get_profile as get_profile
 from mpvfio.devices.profiles import load_profile as load_profile
+from mpvfio.devices.registry import open_backend as open_backend
+from mpvfio.devices.registry import parse_spec as parse_spec
+from mpvfio.devices.vfio_user import VFIOUserDevice as VFIOUserDevice
+from mpvfio.devices.vfio_user_server import DeviceServer as DeviceServer
+from mpvfio.devices.vfio_user_server import ServerProcess as ServerProcess
 from mpvfio.errors import BarrierError as BarrierError
 from mpvfio.errors import DeviceError as DeviceError
 from mpvfio.errors import MigrationBlockedError as MigrationBlockedError
@@ -46,6 +59,17 @@ from mpvfio.machine import Machine as Machine
 from mpvfio.machine import Mode as Mode
 from mpvfio.machine import NotifyReport as NotifyReport
 from mpvfio.machine import VFIODevice as VFIODevice
+from mpvfio.migration.engine import IncomingInfo as IncomingInfo
+from mpvfio.migration.engine import LiveStats as LiveStats
+from mpvfio.migration.engine import MachineLock as MachineLock
+from mpvfio.migration.engine import MigrationError as MigrationError
+from mpvfio.migration.engine import MigrationInfo as MigrationInfo
+from mpvfio.migration.engine import MigrationParams as MigrationParams
+from mpvfio.migration.engine import incoming as incoming
+from mpvfio.migration.engine import migrate as migrate
+from mpvfio.migration.local import run_local as run_local
+from mpvfio.migration.transport import Cancel as Cancel
+from mpvfio.migration.transport import listen as listen
 from mpvfio.qdev import VM as VM
 from mpvfio.qdev import QdevTree as QdevTree
 from mpvfio.switchover import SwitchoverResult as SwitchoverResult
@@ -65,16 +89,25 @@ __all__ = [
     "VM",
     "ArcRecord",
     "BarrierError",
+    "Cancel",
     "DeviceBackend",
     "DeviceError",
+    "DeviceServer",
     "EmulatedDevice",
     "Event",
     "EventBus",
     "Fault",
+    "IncomingInfo",
+    "KernelVFIODevice",
+    "LiveStats",
     "Machine",
+    "MachineLock",
     "MigFlag",
     "MigState",
     "MigrationBlockedError",
+    "MigrationError",
+    "MigrationInfo",
+    "MigrationParams",
     "MigrationProps",
     "Mode",
     "MpvfioError",
@@ -83,20 +116,30 @@ __all__ = [
     "ProfileError",
     "QdevTree",
     "RunState",
+    "ServerProcess",
     "StateError",
     "SwitchoverResult",
     "TransitionError",
     "UsageError",
     "VFIODevice",
     "VFIOMigration",
+    "VFIOUserDevice",
     "VMChangeStateHandlers",
     "WorkerCrashed",
     "WorkerError",
     "WorkerTimeout",
+    "arc_report_json",
+    "arc_report_text",
     "event_order_violations",
     "fsm_walk",
     "get_profile",
+    "incoming",
+    "listen",
     "load_profile",
+    "migrate",
+    "open_backend",
+    "parse_spec",
     "qdev_priority",
+    "run_local",
     "run_switchover",
 ]
