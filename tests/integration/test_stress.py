@@ -90,3 +90,35 @@ def test_256_vfs_stress() -> None:
     with _machine(256, timeout=5.0) as m:
         result = run_stress(m, rounds=20, rate=0.01, seed=1)
     assert result.ok, result.violations[:20]
+
+
+@pytest.mark.timeout(300)
+def test_migrate_rounds_with_faults_hold_the_invariants() -> None:
+    """--migrate: the bytes at the stop come back after the load, for every
+    device that did not fail; pre-copy dirtying is not a lost state."""
+    with _machine(16) as m:
+        result = run_stress(m, rounds=10, rate=0.05, seed=3, migrate=True)
+    assert result.ok, result.violations
+    assert sum(result.faults.values()) > 0
+    assert len(result.stop_ms) == 10
+
+
+def test_migrate_round_reports_a_healthy_device_with_other_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mpvfio.stress as stress_mod
+    from mpvfio.switchover import run_switchover as real
+
+    def corrupting(machine: Machine) -> object:
+        res = real(machine)
+        dev = res.rounds[0].devices[1]
+        dev.checksum_resumed = "0" * 64  # as if vf1 resumed other bytes
+        return res
+
+    monkeypatch.setattr(stress_mod, "run_switchover", corrupting)
+    with _machine(2) as m:
+        result = run_stress(m, rounds=1, migrate=True)
+    assert result.violations == [
+        "round 0: vf1 lost device state (resumed bytes differ from the bytes "
+        "at the stop)"
+    ]
