@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import itertools
 import logging
 import mmap
@@ -393,6 +394,7 @@ class _Round:
         self.parties: list[VFIODevice] = []
         self.dispatched: set[str] = set()
         self.failed: dict[str, MpvfioError] = {}
+        self.left: set[str] = set()  # parties the barrier crosses without
         self.filled = False
         self.barrier_ready = False
         self.barrier_gen = 0  # the barrier's generation when armed
@@ -878,9 +880,12 @@ class Machine:
     def _fill(self, rnd: _Round) -> None:
         """Wait until every party finished phase 1 (or remove the failed).
 
-        Watches the parties' sentinels (one ``poll()``) while it waits; at
-        the deadline the parties that never arrived are killed first, then
-        the barrier is broken so the others go on to phase 2.
+        Watches the parties' sentinels (one ``poll()``) while it waits.  A
+        party that died, failed before it could arrive, or has not arrived
+        by the deadline (killed then) is *left*: the crossing goes on with
+        one party less (``ProcessBarrier.leave``), so the others still wait
+        for every live party and P2P-first holds.  Only if the barrier's
+        lock cannot be taken (a party died inside it) is the barrier broken.
         """
         rnd.filled = True
         if not rnd.parties:
@@ -936,9 +941,20 @@ class Machine:
                 ]
                 for d in culprits:
                     self._fail_in_round(d, rnd)
-                barrier.abort()
-                broken = True
-                break
+                for d in culprits + lost:
+                    if d.name in rnd.left:
+                        continue
+                    rnd.left.add(d.name)
+                    if not barrier.leave(
+                        functools.partial(self._arrived, d), WATCH_SLICE_S * 10
+                    ):
+                        barrier.abort()
+                        broken = True
+                if broken:
+                    break
+                if len(rnd.left) >= len(rnd.parties):
+                    break  # no live party left to cross
+                continue
         if broken:
             reason = barrier.diagnostics().get("broken_reason", "?")
             _log.warning(

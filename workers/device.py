@@ -416,17 +416,27 @@ class _Worker:
             self.maybe_fault("join")
 
     def _arrive(self, barrier_timeout: float) -> None:
-        """Phase 1 is done: mark the slot, wait for the other parties."""
-        self.slot.mv[sl.ARRIVED] = self.seq
+        """Phase 1 is done: wait for the other parties.
+
+        The slot's ``ARRIVED`` word is written under the barrier's lock as
+        this party is counted, so the parent can tell a party that died
+        after it arrived (the crossing still completes) from one that died
+        before (the parent crosses without it, ``ProcessBarrier.leave``).
+        """
         if self.fault is not None:
             self.maybe_fault("barrier")
         barrier = self.barrier
         assert barrier is not None
+        mv, seq = self.slot.mv, self.seq
+
+        def mark() -> None:
+            mv[sl.ARRIVED] = seq
+
         try:
-            idx = barrier.wait(barrier_timeout)
+            idx = barrier.wait(barrier_timeout, mark)
         except BarrierError as exc:
-            # The parent breaks the barrier only after it removed the
-            # failed party (killed it): going on is P2P-safe.
+            # Broken by a party's own timeout or an abort after a lock
+            # timeout (the parent removes failed parties without breaking).
             self._notes.append(f"barrier broken ({exc}); went on to phase 2")
             _posix.release(self.slot.crossed)  # the parent looks at once
         else:

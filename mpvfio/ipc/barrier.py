@@ -70,6 +70,7 @@ import math
 import mmap
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -457,14 +458,58 @@ class ProcessBarrier:
         _posix.release(self._mutex)
         _posix.release(self._filled)
 
+    def leave(self, counted: Callable[[], bool], timeout: float) -> bool:
+        """Owner: a party of this round is gone (killed); cross without it.
+
+        Under the barrier's lock: if ``counted()`` (the party arrived before
+        it died, see :meth:`wait`'s ``mark``) nothing changes, the crossing
+        still completes when the others arrive; otherwise the round needs
+        one party less, and if every remaining party has already arrived
+        the owner completes the crossing for them.  The others never pass
+        before every live party arrived, so P2P-first holds without
+        breaking the barrier.
+
+        :returns: ``False`` if the lock was not taken within ``timeout`` (a
+            party died inside it): the caller should :meth:`abort`.
+        """
+        self._check_open()
+        self._check_owner("leave")
+        if not _posix.acquire(self._mutex, timeout):
+            return False
+        release = 0
+        gate = self._gates[0]
+        mv = self._mv
+        try:
+            if mv[_BROKEN] or counted():
+                return True
+            parties = int(mv[_PARTIES]) - 1
+            mv[_PARTIES] = max(parties, 0)
+            arrived = int(mv[_ARRIVED])
+            if parties >= 1 and arrived >= parties:
+                gen = int(mv[_GENERATION])
+                mv[_ARRIVED] = 0
+                mv[_CROSSINGS] = mv[_CROSSINGS] + 1
+                mv[_GENERATION] = gen + 1
+                gate = self._gates[gen & 1]
+                release = arrived
+        finally:
+            _posix.release(self._mutex)
+        if release:
+            _posix.release(self._filled)
+            _posix.release(gate, release)
+        return True
+
     # -- party -------------------------------------------------------------
 
-    def wait(self, timeout: float) -> int:
+    def wait(self, timeout: float, mark: Callable[[], None] | None = None) -> int:
         """Arrive and block until all parties of the round have arrived.
 
         Returns this party's arrival index in ``0 .. parties-1`` (order of
         arrival, like :class:`threading.Barrier`): the last arriver, which
         releases the others, gets ``parties - 1``.
+
+        ``mark`` is called under the barrier's lock right as this party is
+        counted, so "marked" means "counted" (what :meth:`leave` asks).
 
         :raises BarrierError: the barrier is or becomes broken.
         :raises BarrierTimeout: ``timeout`` seconds passed first; the barrier
@@ -499,6 +544,8 @@ class ProcessBarrier:
                 mv[_GENERATION] = gen + 1
             else:
                 mv[_ARRIVED] = idx + 1
+            if mark is not None:
+                mark()
         finally:
             _posix.release(self._mutex)  # also passes an abort token on
         gate = self._gates[gen & 1]

@@ -398,6 +398,57 @@ def test_killed_worker_owner_times_out_and_aborts(
         assert sorted([_recv(c0)[1], _recv(c1)[1]]) == [0, 1]
 
 
+@pytest.mark.timeout(120)
+def test_leave_crosses_without_a_party_that_never_arrived(
+    registry: NameRegistry, procs: Procs
+) -> None:
+    """The parent removes a dead party; the others still wait for the rest."""
+    with _barrier(registry, 4) as bar:
+        started = [procs.start(_command_worker, bar.spec) for _ in range(4)]
+        (_, c0), (_, c1), (_, slow), (victim, _) = started
+        bar.reset(4)
+        c0.send(("wait", LONG))
+        c1.send(("wait", LONG))
+        _poll_until(lambda: bar.arrived == 2)
+        victim.kill()  # SIGKILL before it arrived
+        victim.join(GUARD)
+        assert bar.leave(lambda: False, GUARD)
+        assert not bar.broken
+        # the slow party has not arrived yet: nobody may cross
+        assert not c0.poll(0.3) and not c1.poll(0.0)
+        assert bar.parties == 3
+        slow.send(("wait", LONG))
+        replies = [_recv(c) for c in (c0, c1, slow)]
+        assert all(r[0] == "ok" for r in replies), replies
+        assert sorted(r[1] for r in replies) == [0, 1, 2]
+        # a slow party's phase 2 cannot start before the slow one arrived
+        assert max(r[2] for r in replies) < min(r[3] for r in replies)
+
+
+def test_leave_completes_the_crossing_when_the_rest_arrived(
+    registry: NameRegistry, procs: Procs
+) -> None:
+    with _barrier(registry, 3) as bar:
+        bar.reset(3)
+        conns = [procs.start(_crossing_worker, bar.spec, 1, LONG)[1] for _ in range(2)]
+        _poll_until(lambda: bar.arrived == 2)
+        gen = bar.generation
+        assert bar.leave(lambda: False, GUARD)  # the third died before arriving
+        assert bar.generation == gen + 1
+        assert bar.wait_filled(GUARD)
+        replies = [_recv(c) for c in conns]
+        assert all(r[0] == "ok" for r in replies), replies
+
+
+def test_leave_of_a_counted_party_changes_nothing(registry: NameRegistry) -> None:
+    with _barrier(registry, 2) as bar:
+        bar.reset(2)
+        assert bar.leave(lambda: True, GUARD)  # it arrived before it died
+        assert bar.parties == 2 and bar.arrived == 0 and not bar.broken
+        with ProcessBarrier.attach(bar.spec) as party, pytest.raises(UsageError):
+            party.leave(lambda: False, 1.0)  # only the owner removes parties
+
+
 def _leaving_worker(spec: BarrierSpec, conn: Any) -> None:
     """Arrive, then get SIGKILLed by the test while waiting."""
     with ProcessBarrier.attach(spec) as bar:

@@ -349,3 +349,49 @@ def test_crash_of_a_serial_device(closing: list[Machine], point: str) -> None:
     m.vm_start()
     assert [d.call("device_state") for d in m.devices] == [S.RUNNING] * 3
     assert len(m.errors) == 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("direction", ["stop", "start"])
+def test_a_dead_party_does_not_release_the_others_before_a_slow_one(
+    closing: list[Machine], direction: str
+) -> None:
+    """Found by the 256-VF migration stress: a party that died at once used
+    to break the barrier, so fast parties ran phase 2 (STOP_COPY) while a
+    slow one was still entering P2P.  The parent now crosses without the
+    dead party (ProcessBarrier.leave): O1 holds."""
+    from mpvfio.devices.profiles import profile_from_dict
+
+    slow = profile_from_dict(
+        {
+            "name": "slowp2p",
+            "base": "instant",
+            "arc_ms": {"PRE_COPY>PRE_COPY_P2P": 400, "STOP_COPY>STOP": 400},
+        }
+    )
+    m = Machine("workers", transition_timeout=10.0)
+    closing.append(m)
+    m.add_vfio_device("vf0", props=EVENTS)
+    m.add_vfio_device(VICTIM, props=EVENTS)
+    m.add_vfio_device("vf2", slow, props=EVENTS)
+    events: list[Event] = []
+    m.events.subscribe(events.append, ["VFIO_MIGRATION"])
+    m.start()
+    for d in m.devices:
+        d.call("save_setup")
+    if direction == "start":
+        m.vm_stop(RunState.FINISH_MIGRATE)
+    events.clear()
+    m.inject_worker_fault(VICTIM, "before", "kill")
+    if direction == "stop":
+        m.vm_stop(RunState.FINISH_MIGRATE)
+    else:
+        m.vm_start()
+    assert [e.device for e in m.errors if hasattr(e, "device")] == [VICTIM]
+    assert (
+        event_order_violations(events, running=direction == "start", ignore={VICTIM})
+        == []
+    )
+    final = S.STOP_COPY if direction == "stop" else S.RUNNING
+    assert m.device("vf0").state == final and m.device("vf2").state == final
+    assert not m.barrier.broken if m.barrier is not None else True
