@@ -1359,9 +1359,14 @@ def incoming(
                     chans.main,
                     {
                         "status": "failed",
-                        "stage": info.stage,
+                        "stage": getattr(primary, "stage", "") or info.stage,
                         "started": info.started,
-                        "error": str(primary),
+                        # the bare reason: the source adds side and stage
+                        "error": (
+                            str(primary.args[0])
+                            if isinstance(primary, MigrationError)
+                            else str(primary)
+                        ),
                     },
                     1.0,
                 )

@@ -675,3 +675,30 @@ def test_cancel_after_the_commit_changes_nothing(machine: MachineFactory) -> Non
     assert res.info.checksums_equal
     assert src.vm.runstate == RunState.POSTMIGRATE
     assert dst.vm.runstate == RunState.RUNNING
+
+
+def test_channel_count_mismatch_fails_at_once_and_says_it_once() -> None:
+    """Source 4 multifd channels, target 2: the target refuses at accept; the
+    source's error carries the target's reason once, not wrapped twice."""
+    mode = "workers" if HAS_CALL_FDS else "threads"
+    src = _source(mode, 2, STABLE)
+    try:
+        before = checksums(src)
+        t0 = time.monotonic()
+        with pytest.raises(MigrationError) as ei:
+            run_local(
+                2,
+                STABLE,
+                mode,
+                params(4),
+                source=src,
+                target_params=params(2),
+            )
+        assert time.monotonic() - t0 < 20  # not an accept timeout
+        err = ei.value
+        assert (err.stage, err.side) == ("accept", "target"), err
+        assert "multifd channels differ: source 4, target 2" in str(err)
+        assert str(err).count("migration failed") == 1, str(err)
+        check_rolled_back(src, before)
+    finally:
+        src.close()
