@@ -335,7 +335,10 @@ def _add_migrate(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
             "  mpvfio migrate --vfs 4 --local --compare --profile cx7 --json\n"
             "  mpvfio migrate --vfs 4 --local --multifd-channels 4 --timeline t.png\n"
             "  mpvfio incoming --listen tcp:[::1]:4444 --vfs 2 &\n"
-            "  mpvfio migrate --to tcp:[::1]:4444 --vfs 2"
+            "  mpvfio migrate --to tcp:[::1]:4444 --vfs 2\n"
+            "  mpvfio migrate --local --arcs \\\n"
+            "      --device vfio-user:/tmp/src-vf0.sock "
+            "--target-device vfio-user:/tmp/dst-vf0.sock"
         ),
     )
     _add_machine_options(p)
@@ -649,7 +652,10 @@ def _add_switchover(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
             "examples:\n"
             "  mpvfio switchover --vfs 4\n"
             "  mpvfio switchover --vfs 16 --mode serial --profile instant\n"
-            "  mpvfio switchover --vfs 4 --profile cx7 --rounds 3 --json"
+            "  mpvfio switchover --vfs 4 --profile cx7 --rounds 3 --json\n"
+            "  mpvfio switchover --vfs 4 --profile cx7 --arcs\n"
+            "  mpvfio switchover --device vfio-user:/tmp/pf-vf0.sock "
+            "--device emulated:fixed50"
         ),
     )
     _add_machine_options(p)
