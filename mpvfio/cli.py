@@ -119,6 +119,7 @@ def _add_stress(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    arcreport.add_arguments(p, png_option="--timeline")
     p.set_defaults(func=_cmd_stress)
 
 
@@ -183,7 +184,10 @@ def _cmd_stress(args: argparse.Namespace) -> int:
             "median": round(sorted(uss)[len(uss) // 2] / 2**20, 2),
             "max": round(max(uss) / 2**20, 2),
         }
+    report = arcreport.emit(args, result.arcs) if args.json else None
     if args.json:
+        if report is not None:
+            summary[arcreport.JSON_KEY] = report
         print(json.dumps(summary, indent=2))
     else:
         print(
@@ -212,6 +216,7 @@ def _cmd_stress(args: argparse.Namespace) -> int:
             )
         for v in result.violations[:50]:
             print(f"  VIOLATION {v}")
+        arcreport.emit(args, result.arcs)
         print(
             f"  {len(result.violations)} violation(s) in {result.elapsed_s:.1f} s: "
             + ("OK" if result.ok else "FAILED")

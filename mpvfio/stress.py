@@ -34,6 +34,8 @@ from typing import Any
 
 import psutil
 
+from mpvfio.arcreport import arcs_from_dicts
+from mpvfio.devices.base import ArcRecord
 from mpvfio.devices.profiles import Fault
 from mpvfio.errors import MpvfioError
 from mpvfio.events import Event
@@ -63,6 +65,8 @@ class StressResult:
     stop_ms: list[float] = field(default_factory=list)
     start_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: every arc every device took, all rounds (``--arcs``: histograms)
+    arcs: list[ArcRecord] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -147,6 +151,14 @@ def _migrate_round(
     """
     sw = run_switchover(machine)
     r = sw.rounds[0]
+    result.arcs.extend(
+        arcs_from_dicts(
+            a
+            for dev in r.devices
+            for ph in ("stop", "start")
+            for a in dev.arcs.get(ph, [])
+        )
+    )
     result.stop_ms.append(r.stop_ms)
     result.start_ms.append(r.start_ms)
     failed = failing | _failed_devices(machine, n_err)
@@ -241,6 +253,7 @@ def run_stress(
                 events.clear()
                 machine.vm_stop(RunState.PAUSED)
                 result.stop_ms.append(machine.last_report.ms)
+                result.arcs.extend(a for d in machine.devices for a in d.arcs)
                 failed = failing | _failed_devices(machine, n_err)
                 _check_round(
                     machine, False, failed, events, f"round {i} stop", result.violations
@@ -249,6 +262,7 @@ def run_stress(
                 n_mid = len(machine.errors)
                 machine.vm_start()
                 result.start_ms.append(machine.last_report.ms)
+                result.arcs.extend(a for d in machine.devices for a in d.arcs)
                 failed = failing | _failed_devices(machine, n_mid)
                 _check_round(
                     machine, True, failed, events, f"round {i} start", result.violations

@@ -68,6 +68,7 @@ def test_stress_cli_json(capfd: pytest.CaptureFixture[str]) -> None:
             "--seed",
             "4",
             "--json",
+            "--arcs-json",
             "-q",
         ]
     )
@@ -75,6 +76,12 @@ def test_stress_cli_json(capfd: pytest.CaptureFixture[str]) -> None:
     assert rc == 0
     assert out["ok"] is True and out["vfs"] == 8 and out["rounds"] == 3
     assert out["startup_s"] >= 0 and out["worker_uss_mib"]["median"] > 0
+    # the arc report covers every round: 8 VFs x 3 rounds x 4 arcs, at most
+    # (a failed arc's device walks a shorter path)
+    report = out["arc_report"]
+    assert 8 * 3 * 2 < report["count"] <= 8 * 3 * 4
+    labels = {a["arc"] for a in report["arcs"]}
+    assert {"RUNNING_P2P>STOP", "STOP>RUNNING_P2P"} <= labels
 
 
 def test_stress_cli_bad_input(capfd: pytest.CaptureFixture[str]) -> None:
