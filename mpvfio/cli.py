@@ -387,7 +387,8 @@ def _add_incoming(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
         "incoming",
         help="start a target VM that waits for one incoming migration",
         description=(
-            "Build a VM with the same emulated VFs as the source (vf0..vfN-1), "
+            "Build a VM with the same VFs as the source (vf0..vfN-1: --vfs N "
+            "emulated ones, or one --device SPEC each), "
             "keep it in run state inmigrate, listen on URI, load one migration "
             "and start the VM (RESUMING -> RUNNING_P2P -> RUNNING).  On failure "
             "its devices are reset and the VM never runs."
