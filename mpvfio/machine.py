@@ -55,6 +55,7 @@ worker (reset to RUNNING).
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
 import functools
@@ -112,6 +113,8 @@ __all__ = ["Machine", "Mode", "NotifyReport", "VFIODevice", "make_config"]
 
 _MACHINE_IDS = itertools.count()
 _RUNSTATE_INDEX = {rs: i for i, rs in enumerate(RUNSTATES)}
+#: How many notification reports a machine keeps (Machine.reports).
+REPORTS_KEPT = 64
 #: PCI config space size the emulated VF's config state carries.
 CONFIG_SIZE = 256
 
@@ -458,7 +461,11 @@ class Machine:
         self.root_bus: Bus = self.vm.tree.add_pci_host()
         self.devices: list[VFIODevice] = []
         self.errors: list[MpvfioError] = []
-        self.reports: list[NotifyReport] = []
+        #: the latest notifications' reports (bounded: a VM that runs for
+        #: days must not keep every one)
+        self.reports: collections.deque[NotifyReport] = collections.deque(
+            maxlen=REPORTS_KEPT
+        )
         self.registry: NameRegistry | None = None
         self.barrier: ProcessBarrier | None = None
         self.slots: SlotTable | None = None

@@ -129,22 +129,6 @@ class Status:
     notes: list[str] = field(default_factory=list)
 
 
-class _Gate:
-    """The PF concurrency gate: a named semaphore opened (never created) here."""
-
-    def __init__(self, name: str) -> None:
-        self._sem = _posix.open_semaphore(name)
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        return _posix.acquire(self._sem, timeout)
-
-    def release(self) -> None:
-        _posix.release(self._sem)
-
-    def close(self) -> None:
-        _posix.close_semaphore(self._sem)
-
-
 def drain(mig: VFIOMigration, until_end: bool) -> bytes:
     """Read the saving fd: to ENOMSG (pre-copy) or to the end (STOP_COPY)."""
     out = bytearray()
@@ -301,7 +285,8 @@ class _Worker:
         self.spec = spec
         self.cmd = cmd
         self.ev = ev
-        self.gate = _Gate(spec.gate_name) if spec.gate_name else None
+        # the PF concurrency gate: a named semaphore the parent created
+        self.gate = _posix.NamedLock(spec.gate_name) if spec.gate_name else None
         self.barrier = ProcessBarrier.attach(spec.barrier) if spec.barrier else None
         self.slot: WorkerSlot = WorkerSlot.attach(spec.slot)
         self.device = open_device(

@@ -38,20 +38,6 @@ class FrameLock(Protocol):
     def release(self) -> None: ...
 
 
-class _SemLock:
-    def __init__(self, name: str) -> None:
-        self._sem = _posix.open_semaphore(name)
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        return _posix.acquire(self._sem, timeout)
-
-    def release(self) -> None:
-        _posix.release(self._sem)
-
-    def close(self) -> None:
-        _posix.close_semaphore(self._sem)
-
-
 def _send_frame(
     sock: socket.socket,
     lock: FrameLock | None,
@@ -146,7 +132,7 @@ def worker_call(worker: Any, method: str, args: tuple[Any, ...], fds: list[int])
             if len(fds) != 1:
                 raise MpvfioError(f"mig_send needs one channel fd, got {len(fds)}")
             sock = socket.socket(fileno=fds.pop())
-            lock = _SemLock(lock_name) if lock_name else None
+            lock = _posix.NamedLock(lock_name) if lock_name else None
             try:
                 return send_device_state(
                     worker.mig, sock, lock, idstr, config_payload, timeout

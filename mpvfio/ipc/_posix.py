@@ -38,6 +38,7 @@ from mpvfio.errors import IPCError, UsageError
 
 __all__ = [
     "MODE",
+    "NamedLock",
     "Semaphore",
     "acquire",
     "close_semaphore",
@@ -135,6 +136,26 @@ def unlink_semaphore(name: str) -> bool:
     except posix_ipc.Error as exc:
         raise _ipc_error("cannot unlink semaphore", name, exc) from exc
     return True
+
+
+class NamedLock:
+    """A counting lock over a named semaphore that another process created.
+
+    Opened, never created (the parent owns and unlinks the name): a worker's
+    PF concurrency gate, a multifd channel's frame lock.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._sem = open_semaphore(name)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return acquire(self._sem, timeout)
+
+    def release(self) -> None:
+        release(self._sem)
+
+    def close(self) -> None:
+        close_semaphore(self._sem)
 
 
 def _map(shm: posix_ipc.SharedMemory) -> mmap.mmap:

@@ -86,6 +86,16 @@ def limits_report() -> dict[str, int | None]:
     }
 
 
+def _how_to_raise(ulimit: str, hard: int, need: int, conf: str, unit: str) -> str:
+    """The command that lifts a soft limit, or the hard limit first."""
+    if hard != resource.RLIM_INFINITY and need > hard:
+        return (
+            f"raise the hard limit ({conf} in /etc/security/limits.conf, "
+            f"or {unit} for a service), then {ulimit}"
+        )
+    return ulimit
+
+
 def check_limits(
     n_workers: int, sems_per_worker: int = 0, fds_per_worker: int = 4
 ) -> None:
@@ -119,12 +129,9 @@ def check_limits(
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     fds = _open_fds() + BASE_FDS + n_workers * fds_per_worker
     if soft != resource.RLIM_INFINITY and fds > soft:
-        how = f"ulimit -n {max(fds, 4096)}"
-        if hard != resource.RLIM_INFINITY and fds > hard:
-            how = (
-                f"raise the hard limit (nofile in /etc/security/limits.conf, "
-                f"or LimitNOFILE= for a service), then {how}"
-            )
+        how = _how_to_raise(
+            f"ulimit -n {max(fds, 4096)}", hard, fds, "nofile", "LimitNOFILE="
+        )
         raise UsageError(
             f"{n_workers} workers need about {fds} open files in the parent but "
             f"RLIMIT_NOFILE (soft) is {soft}: {how}"
@@ -135,12 +142,13 @@ def check_limits(
         # root (CAP_SYS_RESOURCE/CAP_SYS_ADMIN) is not held to RLIMIT_NPROC
         tasks = _user_tasks() + n_workers
         if tasks > soft:
-            how = f"ulimit -u {max(tasks * 2, 4096)}"
-            if hard != resource.RLIM_INFINITY and tasks > hard:
-                how = (
-                    f"raise the hard limit (nproc in /etc/security/limits.conf, "
-                    f"or TasksMax=/LimitNPROC= for a service), then {how}"
-                )
+            how = _how_to_raise(
+                f"ulimit -u {max(tasks * 2, 4096)}",
+                hard,
+                tasks,
+                "nproc",
+                "TasksMax=/LimitNPROC=",
+            )
             raise UsageError(
                 f"{n_workers} workers would bring this user to {tasks} tasks but "
                 f"RLIMIT_NPROC (soft) is {soft}: {how}"
