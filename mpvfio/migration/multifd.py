@@ -2,7 +2,10 @@
 
 Pure codec plus a thread-safe reassembly buffer; no sockets, no processes.
 
-Wire layout of one multifd channel (every integer big-endian)::
+Wire layout of one multifd channel (every integer big-endian; a migration
+opens its channels with :func:`mpvfio.migration.transport.open_channels`,
+whose own preamble replaces the one below, so :class:`ChannelPreamble` is
+only a standalone codec)::
 
     channel  := preamble frame*                     (the end of file ends it)
     preamble := magic[8] = b"MPVFIOC\\x00", be32 version = 1,
@@ -39,6 +42,7 @@ from mpvfio.migration.stream import (
     BytesLike,
     Readable,
     Writable,
+    _bytes_view,
     device_label,
     new_session,
     vfio_idstr,
@@ -226,7 +230,7 @@ def parse_packet(buf: BytesLike, device: str = "") -> Packet:
     Only the length is checked here ("too short", the first R10.5 check);
     :meth:`Reassembler.add` does the rest.
     """
-    mv = memoryview(buf).cast("B") if not isinstance(buf, bytes) else memoryview(buf)
+    mv = _bytes_view(buf)
     if mv.nbytes < PACKET_HEADER.size:
         who = f"{device_label(device)}: " if device else ""
         raise MultifdError(
@@ -353,7 +357,7 @@ def write_frame(
     instance_id: int = 0,
 ) -> int:
     """Write wrapper + packet header, then ``data`` uncopied; return the size."""
-    mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    mv = _bytes_view(data)
     size = PACKET_HEADER.size + mv.nbytes
     head = pack_wrapper(idstr, size, instance_id=instance_id) + pack_packet_header(
         idx, config=config

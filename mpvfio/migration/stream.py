@@ -19,8 +19,8 @@ Wire layout (every integer is big-endian)::
                     "config_after_iter": bool  (x-migration-load-config-after-iter)
                     "arch":              str   source architecture (<= 64 chars)
                     "session":           str   32 lowercase hex digits (16 bytes);
-                                               the multifd channel preamble
-                                               repeats it (multifd.py)
+                                               every channel preamble
+                                               repeats it (transport.py)
                 unknown keys are ignored (forward compatible additions).
 
     section  := START | PART | END | FULL | CMD               (QEMU.md R11.2)
@@ -695,7 +695,6 @@ class StreamWriter:
 
     def __init__(self, f: Writable) -> None:
         self._f = f
-        self._hello: Hello | None = None
         self._track: _Tracker | None = None
         self._sid: dict[str, int] = {}
         self._offset = 0
@@ -704,7 +703,7 @@ class StreamWriter:
     @property
     def hello(self) -> Hello | None:
         """The hello written by :meth:`header`, or ``None``."""
-        return self._hello
+        return None if self._track is None else self._track.hello
 
     @property
     def offset(self) -> int:
@@ -786,7 +785,7 @@ class StreamWriter:
 
     def header(self, hello: Hello) -> None:
         """Write the stream header and hello."""
-        if self._hello is not None:
+        if self._track is not None:
             raise UsageError("the stream header was already written")
         blob = hello.to_json()
         if len(blob) > MAX_HELLO:
@@ -795,7 +794,6 @@ class StreamWriter:
             _HEADER.pack(STREAM_MAGIC, STREAM_VERSION, hello.flags, 0, len(blob)),
             blob,
         )
-        self._hello = hello
         self._track = _Tracker(hello, UsageError)
 
     def section_start(self, device: str) -> int:
@@ -963,7 +961,6 @@ class StreamReader:
         self._check_trailing = check_trailing
         self._offset = 0
         self._at = 0
-        self._hello: Hello | None = None
         self._track: _Tracker | None = None
         self._sid_dev: dict[int, str] = {}
         self._dev_sid: dict[str, int] = {}
@@ -974,7 +971,7 @@ class StreamReader:
     @property
     def hello(self) -> Hello | None:
         """The parsed hello, once the header was read."""
-        return self._hello
+        return None if self._track is None else self._track.hello
 
     @property
     def offset(self) -> int:
@@ -983,11 +980,10 @@ class StreamReader:
 
     def read_header(self) -> Hello:
         """Read the header if not yet done; return the hello."""
-        if self._hello is None:
+        if self._track is None:
             rec = self.read_record()
             assert isinstance(rec, Header)
-        assert self._hello is not None
-        return self._hello
+        return self._tracker().hello
 
     def read_record(self) -> Record | None:
         """The next record, or ``None`` after :class:`Eof`."""
@@ -1347,9 +1343,7 @@ class StreamReader:
                 "FULL section",
                 "DEV_CONFIG_STATE, END_OF_STATE or DEV_CONFIG_LOAD_READY",
             )
-        track.full(dev, tag)
-        self._sid_dev[sid] = dev
-        self._dev_sid[dev] = sid
+        track.full(dev, tag)  # END came first, so START mapped sid <-> dev
         if tag is VfioTag.DEV_CONFIG_STATE:
             loff = self._offset
             n = self._limit(self._u32("config length"), f"{_dl(dev)}: config", loff)
@@ -1387,7 +1381,6 @@ class StreamReader:
 
     def _records(self) -> Iterator[Record]:
         hello = self._read_hello()
-        self._hello = hello
         self._idstr_dev = {vfio_idstr(d): d for d in hello.devices}
         self._track = _Tracker(hello, self._err)
         yield Header(hello)

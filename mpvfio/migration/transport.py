@@ -545,6 +545,7 @@ def _listen_unix(uri: Uri, backlog: int) -> Listener:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # stale socket file of a dead listener
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         _tune_buffers(sock)
         # umask is process-wide: another thread creating a file right now
@@ -554,13 +555,19 @@ def _listen_unix(uri: Uri, backlog: int) -> Listener:
             sock.bind(path)
         finally:
             os.umask(old)
+        bound = True
         os.chmod(path, 0o600)
         st = os.lstat(path)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError as exc:
+    except BaseException as exc:
         sock.close()
-        raise _os_error("cannot listen", text, exc) from exc
+        if bound:  # do not leave the socket file of a listener that never was
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(exc, OSError):
+            raise _os_error("cannot listen", text, exc) from exc
+        raise
     parent_only(sock)
     return Listener(sock, uri, (st.st_dev, st.st_ino))
 
@@ -731,10 +738,8 @@ def connect(
 # ------------------------------------------------------------ stream helpers
 
 
-def _as_bytes_view(buf: memoryview | bytearray) -> memoryview:
+def _as_bytes_view(buf: bytes | bytearray | memoryview) -> memoryview:
     view = memoryview(buf)
-    if view.readonly:
-        raise UsageError("recv_into_exact needs a writable buffer")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
@@ -752,6 +757,8 @@ def recv_into_exact(
     :raises TransportCancelled: when ``cancel`` fires.
     """
     out = _as_bytes_view(view)
+    if out.readonly:
+        raise UsageError("recv_into_exact needs a writable buffer")
     n = out.nbytes
     got = 0
     # A socket with a Python timeout would wait inside recv() before trying
@@ -811,9 +818,7 @@ def sendall_deadline(
     :raises TransportError: on a socket error (EPIPE, ECONNRESET, ...).
     :raises TransportCancelled: when ``cancel`` fires.
     """
-    view = memoryview(data)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
+    view = _as_bytes_view(data)
     n = view.nbytes
     sent = 0
     flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL

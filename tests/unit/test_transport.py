@@ -259,6 +259,19 @@ def test_listen_bad_backlog(sock_path: str) -> None:
         listen(f"unix:{sock_path}", backlog=0)
 
 
+def test_listen_failure_after_bind_removes_the_socket_file(
+    sock_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(path: str, mode: int) -> None:
+        raise PermissionError(errno.EPERM, "chmod refused")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    with pytest.raises(TransportError, match="cannot listen") as info:
+        listen(f"unix:{sock_path}")
+    assert info.value.errno == errno.EPERM
+    assert not os.path.lexists(sock_path)
+
+
 # ------------------------------------------------------------------ tcp sockets
 
 
