@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from mpvfio.devices.base import DeviceBackend
 from mpvfio.errors import DeviceError, MigrationBlockedError, TransitionError
 from mpvfio.events import Event
-from mpvfio.uapi.vfio import MigFlag, MigState, qapi_name
+from mpvfio.uapi.vfio import PRECOPY_STATES, MigFlag, MigState, qapi_name
 from mpvfio.vmstate import RunState
 
 __all__ = [
@@ -55,9 +55,6 @@ S = MigState
 
 #: VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE (QEMU.md R11.4): chunk of one data read.
 DATA_BUFFER_SIZE = 1024 * 1024
-
-PRECOPY_STATES = frozenset({S.PRE_COPY, S.PRE_COPY_P2P})
-RUNNING_STATES = frozenset({S.RUNNING, S.RUNNING_P2P})
 
 
 @dataclass(frozen=True)

@@ -268,15 +268,8 @@ class VMChangeStateHandlers:
             try:
                 getattr(hook, stage)(running, state)
             except Exception as exc:  # noqa: BLE001 - the walk goes on
-                entry = VMChangeStateEntry(
-                    cb=None,
-                    prepare_cb=None,
-                    cb_ret=None,
-                    priority=0,
-                    name=f"{hook.name}.{stage}",
-                )
                 phase: Phase = "main" if stage == "end" else "prepare"
-                self._failed(entry, phase, running, state, exc)
+                self._failed(f"{hook.name}.{stage}", phase, running, state, exc)
 
     # -- registration ------------------------------------------------------
 
@@ -390,7 +383,7 @@ class VMChangeStateHandlers:
             try:
                 entry.prepare_cb(running, state)
             except Exception as exc:  # noqa: BLE001 - every handler runs (R2.4)
-                self._failed(entry, "prepare", running, state, exc)
+                self._failed(entry.name, "prepare", running, state, exc)
 
         self._run_hooks("interlock", running, state)
         ret = 0
@@ -401,12 +394,12 @@ class VMChangeStateHandlers:
                 try:
                     entry.cb(running, state)
                 except Exception as exc:  # noqa: BLE001 - every handler runs (R2.4)
-                    self._failed(entry, "main", running, state, exc)
+                    self._failed(entry.name, "main", running, state, exc)
             elif entry.cb_ret is not None:
                 try:
                     result = entry.cb_ret(running, state)
                 except Exception as exc:  # noqa: BLE001 - every handler runs (R2.4)
-                    self._failed(entry, "main", running, state, exc)
+                    self._failed(entry.name, "main", running, state, exc)
                     if not running:
                         ret |= -errno.EIO
                     continue
@@ -416,7 +409,7 @@ class VMChangeStateHandlers:
                     bad = UsageError(
                         f"cb_ret of {entry.name!r} returned {result!r}, not an int"
                     )
-                    self._failed(entry, "main", running, state, bad)
+                    self._failed(entry.name, "main", running, state, bad)
                     ret |= -errno.EIO
                 else:
                     ret |= result
@@ -424,7 +417,7 @@ class VMChangeStateHandlers:
 
     def _failed(
         self,
-        entry: VMChangeStateEntry,
+        name: str,
         phase: Phase,
         running: bool,
         state: RunState,
@@ -433,17 +426,17 @@ class VMChangeStateHandlers:
         """Log, record and forward one failure; never raises."""
         _log.error(
             "VM change-state handler %r (%s, running=%s, state=%s) failed: %r",
-            entry.name,
+            name,
             phase,
             running,
             state,
             exc,
             exc_info=exc,
         )
-        failure = HandlerFailure(entry.name, phase, running, state, exc)
+        failure = HandlerFailure(name, phase, running, state, exc)
         self.last_failures.append(failure)
         if self.on_failure is not None:
             try:
                 self.on_failure(failure)
             except Exception:  # noqa: BLE001 - must not break the walk
-                _log.exception("on_failure callback failed for %r", entry.name)
+                _log.exception("on_failure callback failed for %r", name)

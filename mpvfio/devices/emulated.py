@@ -52,10 +52,10 @@ from collections import deque
 from itertools import pairwise
 
 from mpvfio.devices.base import ArcGate, ArcRecord
-from mpvfio.devices.profiles import Fault, Profile
+from mpvfio.devices.profiles import Fault, Profile, arc_key
 from mpvfio.errors import DeviceError, TransitionError
 from mpvfio.uapi import fsm
-from mpvfio.uapi.vfio import MigFlag, MigState
+from mpvfio.uapi.vfio import PRECOPY_STATES, MigFlag, MigState
 
 __all__ = [
     "STREAM_HEADER",
@@ -261,24 +261,26 @@ class EmulatedDevice:
     def reset(self) -> None:
         """VFIO_DEVICE_RESET: tear down sessions, back to RUNNING."""
         self._check_open()
-        self._close_save()
-        self._close_resume()
+        self._end_sessions()
         self._mig = S.RUNNING
 
     def close(self) -> None:
         """Close the device (idempotent); open sessions end."""
         if self._closed:
             return
-        self._close_save()
-        self._close_resume()
+        self._end_sessions()
         self._closed = True
 
     def _check_open(self) -> None:
         if self._closed:
             raise DeviceError("device is closed", self.name, _errno.ENODEV)
 
+    def _end_sessions(self) -> None:
+        self._close_save()
+        self._close_resume()
+
     def _run_arc(self, src: MigState, dst: MigState) -> int | None:
-        key = f"{src.name}>{dst.name}"
+        key = arc_key(src, dst)
         fault = self._armed.pop(key, None)
         if fault is None and (fault := self.profile.fault(src, dst)) is not None:
             fired = self._fault_fired.get(key, 0)
@@ -306,8 +308,7 @@ class EmulatedDevice:
                 time.sleep(delay / 1000.0)
             if fault is not None and fault.kind in ("errno", "error-state"):
                 if fault.kind == "error-state":
-                    self._close_save()
-                    self._close_resume()
+                    self._end_sessions()
                     self._mig = S.ERROR
                 raise TransitionError(
                     f"injected fault on arc {key}",
@@ -365,7 +366,11 @@ class EmulatedDevice:
     # ---------------------------------------------------------------- saving
     def _new_file(self, what: str) -> tuple[int, int]:
         dev_fd = os.memfd_create(f"mpvfio-{what}-{self.name}", os.MFD_CLOEXEC)
-        return os.dup(dev_fd), dev_fd
+        try:
+            return os.dup(dev_fd), dev_fd
+        except OSError:
+            os.close(dev_fd)
+            raise
 
     def _open_save(self, stopcopy: bool) -> int:
         self._close_save()
@@ -373,11 +378,16 @@ class EmulatedDevice:
         sess = _SaveSession(user_fd, dev_fd)
         self._save = sess
         self._clean_sent.clear()
-        self._append(
-            STREAM_HEADER.pack(
-                STREAM_MAGIC, STREAM_VERSION, 0, len(self._state), self._chunk
+        try:
+            self._append(
+                STREAM_HEADER.pack(
+                    STREAM_MAGIC, STREAM_VERSION, 0, len(self._state), self._chunk
+                )
             )
-        )
+        except OSError:  # the SET fails: no fd reaches the caller
+            self._close_save()
+            os.close(user_fd)
+            raise
         if stopcopy:
             self._enter_stopcopy()
         else:
@@ -468,6 +478,14 @@ class EmulatedDevice:
             )
         return sess
 
+    def _resume_for(self, fd: int) -> _ResumeSession:
+        sess = self._resume
+        if sess is None or sess.user_fd != fd:
+            raise DeviceError(
+                "the resuming session of this fd has ended", self.name, _errno.ENODEV
+            )
+        return sess
+
     def read_data(self, fd: int, n: int) -> bytes | None:
         """read() on the saving fd (see :mod:`mpvfio.devices.base`)."""
         self._check_open()
@@ -498,7 +516,7 @@ class EmulatedDevice:
     def precopy_info(self, fd: int) -> tuple[int, int]:
         """VFIO_MIG_GET_PRECOPY_INFO: ``(initial_bytes, dirty_bytes)``."""
         self._check_open()
-        if self._mig not in (S.PRE_COPY, S.PRE_COPY_P2P):
+        if self._mig not in PRECOPY_STATES:
             raise DeviceError(
                 f"PRECOPY_INFO needs PRE_COPY or PRE_COPY_P2P, device is "
                 f"{self._mig.name}",
@@ -538,11 +556,7 @@ class EmulatedDevice:
     def write_data(self, fd: int, data: bytes | memoryview) -> int:
         """write() on the resuming fd; returns the bytes written."""
         self._check_open()
-        sess = self._resume
-        if sess is None or sess.user_fd != fd:
-            raise DeviceError(
-                "the resuming session of this fd has ended", self.name, _errno.ENODEV
-            )
+        self._resume_for(fd)
         view = memoryview(data)
         done = 0
         while done < len(view):
@@ -561,11 +575,7 @@ class EmulatedDevice:
         :raise DeviceError: EINVAL naming what is wrong with the data.
         """
         self._check_open()
-        sess = self._resume
-        if sess is None or sess.user_fd != fd:
-            raise DeviceError(
-                "the resuming session of this fd has ended", self.name, _errno.ENODEV
-            )
+        sess = self._resume_for(fd)
         size = os.fstat(sess.dev_fd).st_size
         try:
             state = self._parse(os.pread(sess.dev_fd, size, 0))
@@ -588,7 +598,7 @@ class EmulatedDevice:
             else:
                 state = self._parse(os.pread(sess.dev_fd, size, 0))
         except ValueError as exc:
-            self._close_resume()
+            self._end_sessions()
             self._mig = S.ERROR
             raise TransitionError(
                 f"resume data rejected: {exc}",

@@ -85,6 +85,7 @@ from mpvfio.uapi.vfio import (
     FEATURE_MIG_DATA_SIZE,
     FEATURE_MIG_STATE,
     FEATURE_MIGRATION,
+    PRECOPY_STATES,
     SAVING_GROUP,
     VFIO_DEVICE_FEATURE_GET,
     VFIO_DEVICE_FEATURE_PROBE,
@@ -104,7 +105,6 @@ __all__ = [
 #: Default deadline of one request (a SET includes the device's arcs).
 DEFAULT_TIMEOUT_S = 60.0
 _S = MigState
-_PRECOPY = frozenset({_S.PRE_COPY, _S.PRE_COPY_P2P})
 _MAX_FDS = 8
 _FD_SIZE = array.array("i").itemsize
 
@@ -325,27 +325,25 @@ class VFIOUserDevice:
                         break
                     self._refuse_server_command(hdr, deadline)
             except TimeoutError:
-                close_fds(fds)
                 raise self._fail(
                     what, f"no reply within {self.timeout:g} s", _errno.ETIMEDOUT
                 ) from None
             except (ConnectionClosed, BrokenPipeError, ConnectionResetError) as exc:
-                close_fds(fds)
                 raise self._fail(
                     what,
                     f"the server closed the connection ({exc})",
                     _errno.ECONNRESET,
                 ) from None
             except DeviceError as exc:  # a malformed header
-                close_fds(fds)
                 if self._broken is None:
                     raise self._fail(what, str(exc.args[0]), _errno.EPROTO) from None
                 raise
             except OSError as exc:
-                close_fds(fds)
                 raise self._fail(
                     what, f"socket error: {exc}", exc.errno or _errno.EIO
                 ) from None
+            finally:
+                close_fds(fds)  # those of a message cut short
             if hdr.msg_id != msg_id or hdr.command != cmd:
                 raise self._fail(
                     what,
@@ -439,35 +437,31 @@ class VFIOUserDevice:
             )
         return rflags, rdata
 
-    def _get_flags(self) -> MigFlag:
-        what = "GET MIGRATION"
+    def _get(self, feature: int, size: int, what: str, why: str = "") -> bytes:
+        """DEVICE_FEATURE GET of ``feature``: its ``size``-byte reply data.
+
+        An error reply raises :class:`DeviceError` with the reply's errno.
+        """
         try:
-            _f, data = self._feature(
-                VFIO_DEVICE_FEATURE_GET | Feature.MIGRATION,
-                b"",
-                FEATURE_MIGRATION.size,
-                what,
-            )
+            _f, data = self._feature(VFIO_DEVICE_FEATURE_GET | feature, b"", size, what)
         except RemoteError as exc:
-            raise DeviceError(
-                f"vfio-user {what} failed: the device does not support migration",
-                self.name,
-                exc.err,
-            ) from None
+            msg = f"vfio-user {what} failed" + (f": {why}" if why else "")
+            raise DeviceError(msg, self.name, exc.err) from None
+        return data
+
+    def _get_flags(self) -> MigFlag:
+        data = self._get(
+            Feature.MIGRATION,
+            FEATURE_MIGRATION.size,
+            "GET MIGRATION",
+            "the device does not support migration",
+        )
         (value,) = FEATURE_MIGRATION.unpack_from(data)
         return MigFlag(int(value))
 
     def _get_state_raw(self) -> MigState:
         what = "GET MIG_DEVICE_STATE"
-        try:
-            _f, data = self._feature(
-                VFIO_DEVICE_FEATURE_GET | Feature.MIG_DEVICE_STATE,
-                b"",
-                FEATURE_MIG_STATE.size,
-                what,
-            )
-        except RemoteError as exc:
-            raise DeviceError(f"vfio-user {what} failed", self.name, exc.err) from None
+        data = self._get(Feature.MIG_DEVICE_STATE, FEATURE_MIG_STATE.size, what)
         state, _fd = FEATURE_MIG_STATE.unpack_from(data)
         if not 0 <= state < len(_S):
             raise self._protocol(what, f"server reports unknown state {state}")
@@ -629,7 +623,7 @@ class VFIOUserDevice:
                     break
             if out:
                 return bytes(out)
-            return None if self._state in _PRECOPY else b""
+            return None if self._state in PRECOPY_STATES else b""
 
     def write_data(self, fd: int, data: bytes | memoryview) -> int:
         """MIG_DATA_WRITE all of ``data``, in transfer-sized chunks."""
@@ -660,7 +654,7 @@ class VFIOUserDevice:
         """``(initial, dirty)`` estimated by reading ahead (module docstring)."""
         with self._lock:
             self._check_usable()
-            if self._state not in _PRECOPY:
+            if self._state not in PRECOPY_STATES:
                 raise DeviceError(
                     f"PRECOPY_INFO needs PRE_COPY or PRE_COPY_P2P, device is "
                     f"{self._state.name}",
@@ -675,7 +669,6 @@ class VFIOUserDevice:
     def data_size(self) -> int:
         """GET MIG_DATA_SIZE (mpvfio extension); EOPNOTSUPP if not offered."""
         with self._lock:
-            flags = VFIO_DEVICE_FEATURE_GET | Feature.MIG_DATA_SIZE
             if self._has_data_size is None:
                 self._has_data_size = self.probe(Feature.MIG_DATA_SIZE)
             if not self._has_data_size:
@@ -685,14 +678,9 @@ class VFIOUserDevice:
                     self.name,
                     _errno.EOPNOTSUPP,
                 )
-            try:
-                _f, data = self._feature(
-                    flags, b"", FEATURE_MIG_DATA_SIZE.size, "GET MIG_DATA_SIZE"
-                )
-            except RemoteError as exc:
-                raise DeviceError(
-                    "vfio-user GET MIG_DATA_SIZE failed", self.name, exc.err
-                ) from None
+            data = self._get(
+                Feature.MIG_DATA_SIZE, FEATURE_MIG_DATA_SIZE.size, "GET MIG_DATA_SIZE"
+            )
             (length,) = FEATURE_MIG_DATA_SIZE.unpack_from(data)
             return int(length)
 

@@ -13,6 +13,7 @@ No I/O happens here; every failure is a :class:`TransitionError` with
 from __future__ import annotations
 
 import errno
+import functools
 import re
 from typing import TypedDict
 
@@ -171,13 +172,21 @@ def walk(flags: int, cur: int, new: int) -> list[MigState]:
     succeeds even for ERROR or an unsupported state.  A failure raises
     :class:`TransitionError` at the first step, before any arc.
     """
+    return list(_walk(flags, cur, new))
+
+
+# Pure in its arguments and called on every SET of the emulated device (the
+# switchover path, in every worker): each (flags, cur, new) is walked once.
+# Failures are not cached, so every caller gets its own exception.
+@functools.lru_cache(maxsize=1024)
+def _walk(flags: int, cur: int, new: int) -> tuple[MigState, ...]:
     if cur == new and 0 <= cur < len(_ORDER):
-        return [_S(cur)]
+        return (_S(cur),)
     step = next_state(flags, cur, new)  # validates cur and new first
     path = [_S(cur), step]
     for _ in _ORDER:  # a path has at most 4 arcs; 8 would mean a cycle
         if path[-1] == new:
-            return path
+            return tuple(path)
         path.append(next_state(flags, path[-1], new))
     raise InternalError(f"walk {_name(cur)} -> {_name(new)} does not converge")
 

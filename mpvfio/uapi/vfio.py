@@ -27,6 +27,7 @@ __all__ = [
     "FEATURE_MIG_STATE",
     "LEGAL_FLAG_SETS",
     "PRECOPY_INFO",
+    "PRECOPY_STATES",
     "SAVING_GROUP",
     "SESSION_CLOSING_ARCS",
     "SESSION_OPENING_ARCS",
@@ -118,6 +119,11 @@ STATE_NEEDS: dict[MigState, int] = {
 #: States that share one saving session (and one data_fd).
 SAVING_GROUP: frozenset[MigState] = frozenset(
     {MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY}
+)
+
+#: The pre-copy states: the saving group while the device still runs.
+PRECOPY_STATES: frozenset[MigState] = frozenset(
+    {MigState.PRE_COPY, MigState.PRE_COPY_P2P}
 )
 
 #: Arcs that open a session and hand back a new data_fd.

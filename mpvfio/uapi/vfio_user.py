@@ -45,11 +45,11 @@ from typing import Any, NamedTuple
 from mpvfio.errors import DeviceError
 from mpvfio.uapi.vfio import (
     FEATURE_HDR,
-    FEATURE_MIG_STATE,
     VFIO_DEVICE_FEATURE_GET,
     VFIO_DEVICE_FEATURE_PROBE,
     VFIO_DEVICE_FEATURE_SET,
     Feature,
+    pack_mig_state,
 )
 
 __all__ = [
@@ -332,9 +332,8 @@ def unpack_feature(payload: bytes) -> tuple[int, int, bytes]:
 
 def pack_mig_state_set(state: int) -> bytes:
     """SET MIG_DEVICE_STATE request: argsz 16, data_fd 0xffffffff."""
-    data = FEATURE_MIG_STATE.pack(state, -1)
     return pack_feature_request(
-        VFIO_DEVICE_FEATURE_SET | Feature.MIG_DEVICE_STATE, data
+        VFIO_DEVICE_FEATURE_SET | Feature.MIG_DEVICE_STATE, pack_mig_state(state)
     )
 
 
