@@ -182,7 +182,7 @@ def arc_stats(arcs: Iterable[ArcRecord]) -> list[ArcStat]:
             ArcStat(
                 arc=label,
                 count=len(ms),
-                failed=sum(1 for a in group if not a.ok),
+                failed=sum(errors.values()),
                 min_ms=ms[0],
                 p50_ms=percentile(ms, 50),
                 p90_ms=percentile(ms, 90),

@@ -52,9 +52,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mpvfio.argtypes import nonneg_int as _nonneg_int
+from mpvfio.argtypes import positive_float as _positive_float
 from mpvfio.argtypes import positive_int as _positive_int
+from mpvfio.argtypes import run_main
 from mpvfio.devices.profiles import Profile, get_profile
-from mpvfio.errors import DeviceError, MigrationBlockedError, MpvfioError, UsageError
+from mpvfio.errors import DeviceError, MigrationBlockedError, UsageError
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState
@@ -782,16 +784,6 @@ def _mode_list(text: str) -> list[str]:
     return values
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``mpvfio bench switchover`` (and the tool script)."""
     parser.add_argument(
@@ -933,19 +925,4 @@ def build_parser(prog: str = "bench_switchover") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """The tool's entry point: exit 0 / 1 failed / 2 usage / 130 Ctrl-C."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return run_bench_cli(args)
-    except UsageError as exc:
-        print(f"bench_switchover: error: {exc}", file=sys.stderr)
-        return 2
-    except MpvfioError as exc:
-        print(f"bench_switchover: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench_switchover: interrupted", file=sys.stderr)
-        return 130
+    return run_main(build_parser(), argv, run_bench_cli, prog="bench_switchover")

@@ -1,8 +1,8 @@
 """The ``mpvfio`` command line (console script ``mpvfio = mpvfio.cli:main``).
 
-This module owns argument parsing, the subcommand registry and the mapping
-of errors to exit status: 0 success, 1 the operation failed (any other
-:class:`~mpvfio.errors.MpvfioError`), 2 bad usage
+This module owns argument parsing and the subcommand registry; errors map
+to exit status in :func:`mpvfio.argtypes.run_main`: 0 success, 1 the
+operation failed (any other :class:`~mpvfio.errors.MpvfioError`), 2 bad usage
 (:class:`~mpvfio.errors.UsageError` or an argparse error), 130 interrupted.
 
 Each subcommand is registered by an ``_add_<name>(subparsers)`` function that
@@ -19,22 +19,19 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from mpvfio import __version__, arcreport
+from mpvfio.argtypes import EXIT_FAILED, EXIT_OK, run_main
 from mpvfio.argtypes import positive_float as _positive_float
 from mpvfio.argtypes import positive_int as _positive_int
-from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.errors import UsageError
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import MigState
 
 if TYPE_CHECKING:  # imported lazily at run time (a fast --help)
     from mpvfio.devices.profiles import Profile
     from mpvfio.machine import Machine
+    from mpvfio.migration.engine import MigrationParams
 
 __all__ = ["build_parser", "main"]
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 _DEFAULT_FLAGS = "STOP_COPY,P2P,PRE_COPY"
 
@@ -166,13 +163,11 @@ def _cmd_stress(args: argparse.Namespace) -> int:
                     uss.append(psutil.Process(d.worker.pid).memory_full_info().uss)
                 except psutil.Error:
                     pass
+        uss.sort()
+        uss_median_mib = uss[len(uss) // 2] / 2**20 if uss else 0.0
         say(
             f"{args.vfs} VFs started in {start_s:.2f} s ({args.mode} mode)"
-            + (
-                f", worker USS median {sorted(uss)[len(uss) // 2] / 2**20:.1f} MiB"
-                if uss
-                else ""
-            )
+            + (f", worker USS median {uss_median_mib:.1f} MiB" if uss else "")
         )
         result = run_stress(
             m, args.rounds, args.faults, args.seed, kinds, args.migrate, progress=say
@@ -181,8 +176,8 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     summary["startup_s"] = round(start_s, 3)
     if uss:
         summary["worker_uss_mib"] = {
-            "median": round(sorted(uss)[len(uss) // 2] / 2**20, 2),
-            "max": round(max(uss) / 2**20, 2),
+            "median": round(uss_median_mib, 2),
+            "max": round(uss[-1] / 2**20, 2),
         }
     report = arcreport.emit(args, result.arcs) if args.json else None
     if args.json:
@@ -307,11 +302,11 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _params(args: argparse.Namespace, channels: int | None = None) -> object:
+def _params(args: argparse.Namespace) -> MigrationParams:
     from mpvfio.migration.engine import MigrationParams
 
     return MigrationParams(
-        multifd_channels=args.multifd_channels if channels is None else channels,
+        multifd_channels=args.multifd_channels,
         downtime_limit_ms=args.downtime_limit,
         config_after_iter=args.config_after_iter,
         max_queued_buffers_size=args.max_queued_buffers_size,
@@ -419,12 +414,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from mpvfio.devices.profiles import get_profile
     from mpvfio.machine import Machine
     from mpvfio.migration import local
-    from mpvfio.migration.engine import MigrationInfo, MigrationParams, migrate
+    from mpvfio.migration.engine import MigrationInfo, migrate
 
     profile = get_profile(args.profile)
     say = _progress(not args.quiet and not args.json)
     params = _params(args)
-    assert isinstance(params, MigrationParams)
     if args.compare and not args.local:
         raise UsageError("--compare needs --local")
     vfs = _vfs(args)
@@ -500,12 +494,11 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_incoming(args: argparse.Namespace) -> int:
     from mpvfio.devices.profiles import get_profile
     from mpvfio.machine import Machine
-    from mpvfio.migration.engine import MigrationParams, incoming
+    from mpvfio.migration.engine import incoming
     from mpvfio.vmstate import RunState
 
     profile = get_profile(args.profile)
     params = _params(args)
-    assert isinstance(params, MigrationParams)
     say = _progress(not args.json)
     with Machine(
         args.mode,
@@ -742,14 +735,7 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
         say(f"starting {what} in {args.mode} mode")
         machine.start()
         result = run_switchover(machine, rounds=args.rounds, progress=say)
-        last = machine.devices
-    arcs = arcreport.arcs_from_dicts(
-        a
-        for rnd in result.rounds
-        for dev in rnd.devices
-        for phase in ("stop", "start")
-        for a in dev.arcs.get(phase, [])
-    )
+    arcs = result.arc_records()
     if args.json:
         doc = result.to_dict()
         report = arcreport.emit(args, arcs)
@@ -791,7 +777,6 @@ def _cmd_switchover(args: argparse.Namespace) -> int:
     print("event order: " + ("P2P-first holds" if not order else "; ".join(order)))
     for err in result.errors:
         print(f"device error: {err}")
-    del last
     arcreport.emit(args, arcs)
     print("result: " + ("OK" if result.ok else "FAILED"))
     return EXIT_OK if result.ok else EXIT_FAILED
@@ -884,22 +869,4 @@ def _cmd_fsm(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (never raises SystemExit)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help/--version (0) or an argparse error (2)
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or EXIT_OK
-        return EXIT_USAGE
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except UsageError as exc:
-        print(f"mpvfio: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except MpvfioError as exc:
-        print(f"mpvfio: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("mpvfio: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_main(build_parser(), argv)

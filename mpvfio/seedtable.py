@@ -263,8 +263,6 @@ def format_table(rows: list[SeedRow]) -> str:
 
 def plot(rows: list[SeedRow], path: str) -> None:
     """Grouped bars per VF count (needs matplotlib: ``mpvfio[plot]``)."""
-    from mpvfio.errors import UsageError
-
     try:
         import matplotlib
 
@@ -286,10 +284,11 @@ def plot(rows: list[SeedRow], path: str) -> None:
         label = next(r.label for r in rows if r.key == key)
         ax.bar([i + j * width for i in range(len(vfs_list))], ys, width, label=label)
     for j, key in enumerate(("serial", "threads")):
-        xs = [i + j * width for i in range(len(vfs_list))]
+        # the seed measured 1, 2 and 4 VFs only: no mark beside other counts
+        seen = [(i, v) for i, v in enumerate(vfs_list) if (key, v) in SEED_MS]
         ax.scatter(
-            xs,
-            [SEED_MS[(key, v)] for v in vfs_list],
+            [i + j * width for i, _ in seen],
+            [SEED_MS[(key, v)] for _, v in seen],
             marker="_",
             s=400,
             color="black",

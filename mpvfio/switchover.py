@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mpvfio.arcreport import arcs_from_dicts
+from mpvfio.devices.base import ArcRecord
 from mpvfio.errors import DeviceError, MigrationBlockedError, MpvfioError
 from mpvfio.events import Event
 from mpvfio.machine import Machine, NotifyReport, VFIODevice
@@ -150,6 +152,16 @@ class SwitchoverResult:
     def median(self, attr: str) -> float:
         """Median of one RoundResult attribute over the rounds."""
         return float(statistics.median(getattr(r, attr) for r in self.rounds))
+
+    def arc_records(self) -> list[ArcRecord]:
+        """Every device's stop and start arcs, all rounds (for :mod:`arcreport`)."""
+        return arcs_from_dicts(
+            a
+            for rnd in self.rounds
+            for dev in rnd.devices
+            for phase in ("stop", "start")
+            for a in dev.arcs.get(phase, [])
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (what ``mpvfio switchover --json`` prints)."""

@@ -51,6 +51,7 @@ runs until SIGINT or SIGTERM (a clean stop, exit status 0).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno as _errno
 import logging
 import os
@@ -68,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from mpvfio.argtypes import run_main
 from mpvfio.devices.emulated import EmulatedDevice
 from mpvfio.devices.profiles import Profile, get_profile
 from mpvfio.devices.vfio_user import ConnectionClosed, MessageSocket, close_fds
@@ -474,6 +476,12 @@ class _Endpoint:
         return True
 
 
+def _unlink(path: str) -> None:
+    """Remove a socket path; one already gone is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _clear_stale(path: str) -> None:
     """Remove a dead server's socket at ``path``; refuse a live one."""
     try:
@@ -571,10 +579,7 @@ class DeviceServer:
         self._stop.set()
         for ep in self._endpoints:
             if ep.listener is not None:
-                try:
-                    os.unlink(ep.path)
-                except FileNotFoundError:
-                    pass
+                _unlink(ep.path)
         deadline = time.monotonic() + timeout
         for ep in self._endpoints:
             joined = ep.shutdown(max(0.0, deadline - time.monotonic()))
@@ -654,12 +659,16 @@ class ServerProcess:
         ]
         # stderr to a file: a pipe nobody reads would block a chatty server
         self._log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+            )
+        except BaseException:
+            self._log.close()
+            raise
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -727,10 +736,7 @@ class ServerProcess:
             self.proc.stdout.close()
         self._log.close()
         for path in self.paths:  # a killed server leaves its sockets
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            _unlink(path)
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
@@ -766,10 +772,7 @@ def serve_device(
             pass
     finally:
         stop.set()
-        try:
-            os.unlink(sock_path)
-        except FileNotFoundError:
-            pass
+        _unlink(sock_path)
         ep.shutdown(5.0)
         with ep.lock:
             ep._close_data_fd()
@@ -849,12 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve emulated VFs of one PF over vfio-user sockets.",
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except MpvfioError as exc:
-        print(f"mpvfio device-server: error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(
+        parser, argv, run, prog="mpvfio device-server", all_errors_usage=True
+    )
 
 
 if __name__ == "__main__":

@@ -25,12 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
 
+from mpvfio.argtypes import positive_float as _positive_float
 from mpvfio.argtypes import positive_int as _positive_int
-from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.argtypes import run_main
+from mpvfio.errors import UsageError
 from mpvfio.migration.transport import Listener, listen, parse_uri
 
 if TYPE_CHECKING:
@@ -39,11 +42,6 @@ if TYPE_CHECKING:
 __all__ = ["add_arguments", "main", "run"]
 
 _log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 DESCRIPTION = """\
 Run a VM with N emulated VFIO devices (vf0..vfN-1) as a long-running process
@@ -146,14 +144,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_float,
         default=30.0,
         metavar="S",
         help="seconds a worker may take for one notification (default 30)",
     )
     parser.add_argument(
         "--net-timeout",
-        type=float,
+        type=_positive_float,
         default=60.0,
         metavar="S",
         help="seconds one migration network step may block (default 60)",
@@ -215,8 +213,6 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=level, format="mpvfio run: %(levelname)s %(name)s: %(message)s"
     )
-    if args.timeout <= 0 or args.net_timeout <= 0:
-        raise UsageError("--timeout and --net-timeout must be > 0")
     profile = get_profile(args.profile)
     if args.devices and args.vfs is not None and args.vfs != len(args.devices):
         raise UsageError(
@@ -280,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         )
         desc = (
             f"VM {machine.name}: {len(machine.devices)} VFs ({args.mode} mode, "
-            f"{what}), pid {_getpid()}"
+            f"{what}), pid {os.getpid()}"
         )
         return asyncio.run(_serve(service, listeners, mig_listener, desc))
     finally:
@@ -320,12 +316,6 @@ async def _serve(
     return service.exit_code
 
 
-def _getpid() -> int:
-    import os
-
-    return os.getpid()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """A standalone ``mpvfio run`` parser (the cli adds a subparser instead)."""
     parser = argparse.ArgumentParser(prog="mpvfio run")
@@ -335,24 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``mpvfio run ARGV``; return the exit status (like ``mpvfio.cli``)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        if exc.code is None or isinstance(exc.code, int):
-            return exc.code or EXIT_OK
-        return EXIT_USAGE
-    try:
-        return run(args)
-    except UsageError as exc:
-        print(f"mpvfio: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except MpvfioError as exc:
-        print(f"mpvfio: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("mpvfio: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    return run_main(build_parser(), argv, run)
 
 
 if __name__ == "__main__":
