@@ -71,7 +71,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpvfio.devices.base import ArcRecord, DeviceBackend
+from mpvfio.devices.base import ArcRecord, DeviceBackend, ThreadGate
 from mpvfio.devices.emulated import new_backing
 from mpvfio.devices.profiles import Profile, get_profile
 from mpvfio.devices.registry import device_identity, parse_spec
@@ -351,23 +351,6 @@ class VFIODevice:
         self.config = bytes(config)
 
 
-class _ThreadGate:
-    """A PF gate of in-process devices (the ``ArcGate`` protocol).
-
-    ``threading.BoundedSemaphore.acquire(t)`` would take ``t`` as its
-    ``blocking`` flag and wait forever; the device passes a timeout.
-    """
-
-    def __init__(self, slots: int) -> None:
-        self._sem = threading.BoundedSemaphore(slots)
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        return self._sem.acquire(timeout=timeout)
-
-    def release(self) -> None:
-        self._sem.release()
-
-
 def _no_result(
     fn: Callable[[bool, RunState], int], d: VFIODevice
 ) -> Callable[[bool, RunState], None]:
@@ -599,11 +582,11 @@ class Machine:
             self.vm.runstate_set(runstate)
 
     def _start_local(self) -> None:
-        gates: dict[str, _ThreadGate] = {}
+        gates: dict[str, ThreadGate] = {}
         for d in self.devices:
             gate = None
             if d.spec is None and d.profile.pf_concurrency:
-                gate = gates.setdefault(d.pf, _ThreadGate(d.profile.pf_concurrency))
+                gate = gates.setdefault(d.pf, ThreadGate(d.profile.pf_concurrency))
             d.device = open_device(
                 d.name, d.profile, d.spec, key=d.key, gate=gate, seed=self.seed
             )

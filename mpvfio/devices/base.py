@@ -25,12 +25,13 @@ Each successful arc is recorded as an :class:`ArcRecord` (timing per arc).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from mpvfio.uapi.vfio import MigFlag, MigState
 
-__all__ = ["ArcGate", "ArcRecord", "DeviceBackend"]
+__all__ = ["ArcGate", "ArcRecord", "DeviceBackend", "ThreadGate"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,23 @@ class ArcGate(Protocol):
     def acquire(self, timeout: float | None = None) -> bool: ...
 
     def release(self) -> None: ...
+
+
+class ThreadGate:
+    """An :class:`ArcGate` for devices of one process (threads).
+
+    ``threading.BoundedSemaphore.acquire``'s first parameter is
+    ``blocking``: the device's ``acquire(timeout)`` is passed on by keyword.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._sem = threading.BoundedSemaphore(limit)
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return self._sem.acquire(timeout=timeout)
+
+    def release(self) -> None:
+        self._sem.release()
 
 
 @runtime_checkable

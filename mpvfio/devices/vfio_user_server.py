@@ -70,6 +70,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from mpvfio.argtypes import run_main
+from mpvfio.devices.base import ThreadGate
 from mpvfio.devices.emulated import EmulatedDevice
 from mpvfio.devices.profiles import Profile, get_profile
 from mpvfio.devices.vfio_user import ConnectionClosed, MessageSocket, close_fds
@@ -132,23 +133,6 @@ _UNIMPLEMENTED = frozenset(
         vu.Command.REGION_WRITE_MULTI,
     }
 )
-
-
-class _ThreadGate:
-    """The PF gate: an :class:`~mpvfio.devices.base.ArcGate` over a semaphore.
-
-    ``threading.Semaphore.acquire``'s first parameter is ``blocking``, so the
-    device's ``acquire(timeout)`` must be passed on by keyword.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._sem = threading.BoundedSemaphore(limit)
-
-    def acquire(self, timeout: float | None = None) -> bool:
-        return self._sem.acquire(timeout=timeout)
-
-    def release(self) -> None:
-        self._sem.release()
 
 
 @dataclass
@@ -534,7 +518,7 @@ class DeviceServer:
         self.paths = [f"{prefix}{i}.sock" for i in range(vfs)]
         base = Path(prefix).name or "vf"
         gate = (
-            _ThreadGate(self.profile.pf_concurrency)
+            ThreadGate(self.profile.pf_concurrency)
             if self.profile.pf_concurrency
             else None
         )
