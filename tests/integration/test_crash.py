@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import psutil
 import pytest
@@ -60,12 +61,19 @@ def closing() -> Iterator[list[Machine]]:
 
 
 def _machine(
-    closing: list[Machine], n: int = 3, timeout: float = 10.0, relaxed: bool = False
+    closing: list[Machine],
+    n: int = 3,
+    timeout: float = 10.0,
+    relaxed: bool = False,
+    devices: Sequence[dict[str, Any]] = (),
 ) -> tuple[Machine, list[Event]]:
+    """A started workers-mode Machine with ``n`` VFs (or one per ``devices``
+    entry: add_vfio_device's arguments, migration events on by default) and
+    the list its VFIO_MIGRATION events go to."""
     m = Machine("workers", transition_timeout=timeout, relaxed_interlock=relaxed)
     closing.append(m)
-    for _ in range(n):
-        m.add_vfio_device(props=EVENTS)
+    for kw in devices or [{}] * n:
+        m.add_vfio_device(**{"props": EVENTS, **kw})
     events: list[Event] = []
     m.events.subscribe(events.append, ["VFIO_MIGRATION"])
     m.start()
@@ -318,16 +326,8 @@ def test_parent_killed(when: str) -> None:
 @pytest.mark.parametrize("point", FAULT_POINTS)
 def test_crash_of_a_serial_device(closing: list[Machine], point: str) -> None:
     """Parallel states off: the worker is still a barrier party (see machine)."""
-    m = Machine("workers", transition_timeout=10.0)
-    closing.append(m)
-    m.add_vfio_device(props=EVENTS)
-    m.add_vfio_device(
-        props=MigrationProps(migration_events=True, parallel_states=False)
-    )
-    m.add_vfio_device(props=EVENTS)
-    events: list[Event] = []
-    m.events.subscribe(events.append, ["VFIO_MIGRATION"])
-    m.start()
+    serial = MigrationProps(migration_events=True, parallel_states=False)
+    m, events = _machine(closing, devices=[{}, {"props": serial}, {}])
     for d in m.devices:
         d.call("save_setup")
     victim = m.device(VICTIM)
@@ -369,14 +369,10 @@ def test_a_dead_party_does_not_release_the_others_before_a_slow_one(
             "arc_ms": {"PRE_COPY>PRE_COPY_P2P": 400, "STOP_COPY>STOP": 400},
         }
     )
-    m = Machine("workers", transition_timeout=10.0)
-    closing.append(m)
-    m.add_vfio_device("vf0", props=EVENTS)
-    m.add_vfio_device(VICTIM, props=EVENTS)
-    m.add_vfio_device("vf2", slow, props=EVENTS)
-    events: list[Event] = []
-    m.events.subscribe(events.append, ["VFIO_MIGRATION"])
-    m.start()
+    m, events = _machine(
+        closing,
+        devices=[{"name": "vf0"}, {"name": VICTIM}, {"name": "vf2", "profile": slow}],
+    )
     for d in m.devices:
         d.call("save_setup")
     if direction == "start":

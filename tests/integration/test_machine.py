@@ -14,6 +14,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
+from _helpers import EVENTS, MachineFactory, machine_factory, real_states
 
 from mpvfio.devices.profiles import Fault, Profile
 from mpvfio.errors import MigrationBlockedError, TransitionError
@@ -28,7 +29,6 @@ from mpvfio.vmstate import RunState
 S = MigState
 MODES = ("serial", "threads", "workers")
 PARALLEL = ("threads", "workers")
-EVENTS = MigrationProps(migration_events=True)
 P2P_STATES = frozenset({S.RUNNING_P2P, S.PRE_COPY_P2P})
 P2P_EVENT_NAMES = frozenset({"running-p2p", "pre-copy-p2p"})
 
@@ -37,22 +37,12 @@ START_ARCS = ["STOP_COPY>STOP", "STOP>RUNNING_P2P", "RUNNING_P2P>RUNNING"]
 
 pytestmark = pytest.mark.timeout(60)
 
-MachineFactory = Callable[..., Machine]
-
 
 @pytest.fixture
 def machine() -> Iterator[MachineFactory]:
-    """``machine(mode, **kw)``: a new Machine, closed at teardown."""
-    made: list[Machine] = []
-
-    def make(mode: str = "workers", **kw: Any) -> Machine:
-        m = Machine(mode, **kw)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
+    """``machine(mode, **kw)``: a new Machine (no devices), closed at teardown."""
+    with machine_factory("workers") as make:
+        yield make
 
 
 # -- helpers ---------------------------------------------------------------------------
@@ -65,11 +55,6 @@ def arcs(report: NotifyReport, name: str) -> list[str]:
 def states(m: Machine) -> list[MigState]:
     """QEMU's cached states (the parent's mirror in workers mode)."""
     return [d.state for d in m.devices]
-
-
-def real_states(m: Machine) -> list[MigState]:
-    """What the devices themselves say (GET MIG_DEVICE_STATE)."""
-    return [MigState(d.call("device_state")) for d in m.devices]
 
 
 def phase_split_ok(report: NotifyReport, phase1_arcs: dict[str, int]) -> bool:

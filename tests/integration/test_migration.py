@@ -11,7 +11,6 @@ the only time bounds are hang guards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -25,10 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _helpers import (
+    EVENTS,
+    HAS_CALL_FDS,
+    ROOT,
+    MachineFactory,
+    cancel_at,
+    child_env,
+    machine_factory,
+    pair,
+    ran,
+    real_states,
+    started_source,
+)
 
 from mpvfio.devices.profiles import MiB, Profile
 from mpvfio.events import Event
-from mpvfio.machine import Machine, VFIODevice
+from mpvfio.machine import Machine
 from mpvfio.migration import engine
 from mpvfio.migration.engine import (
     IncomingInfo,
@@ -41,13 +53,10 @@ from mpvfio.migration.engine import (
 from mpvfio.migration.local import PairResult, migrate_pair, run_local
 from mpvfio.migration.transport import Cancel, listen
 from mpvfio.uapi.vfio import MigFlag, MigState
-from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState
 
 S = MigState
-ROOT = Path(__file__).resolve().parents[2]
 MODES = ("serial", "threads", "workers")
-HAS_CALL_FDS = hasattr(VFIODevice, "call_fds")
 needs_call_fds = pytest.mark.skipif(
     not HAS_CALL_FDS, reason="call_fds not available yet"
 )
@@ -55,12 +64,8 @@ needs_call_fds = pytest.mark.skipif(
 FAST = Profile(name="fast", default_arc_ms=1.0)
 #: No PRE_COPY: everything goes in STOP_COPY (STOP -> STOP_COPY).
 NOPRE = Profile(name="nopre", flags=MigFlag.STOP_COPY | MigFlag.P2P, default_arc_ms=1.0)
-EVENTS = MigrationProps(migration_events=True)
-PARAMS = MigrationParams(timeout=20.0, connect_retry_s=5.0)
 
 pytestmark = pytest.mark.timeout(120)
-
-MachineFactory = Callable[..., Machine]
 
 
 def _ipv6_loopback() -> bool:
@@ -86,48 +91,8 @@ def params(channels: int = 0, **kw: Any) -> MigrationParams:
 @pytest.fixture
 def machine() -> Iterator[MachineFactory]:
     """``machine(mode, vfs, profile, **kw)``: a new Machine, closed at teardown."""
-    made: list[Machine] = []
-
-    def make(
-        mode: str = "serial",
-        vfs: int = 2,
-        profile: Profile | str = FAST,
-        **kw: Any,
-    ) -> Machine:
-        m = Machine(mode, **kw)
-        made.append(m)
-        for i in range(vfs):
-            m.add_vfio_device(f"vf{i}", profile, props=EVENTS)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
-
-
-def pair(
-    machine: MachineFactory,
-    mode: str = "serial",
-    vfs: int = 2,
-    profile: Profile | str = FAST,
-    target_mode: str | None = None,
-    arch: str | None = None,
-    target_arch: str | None = None,
-) -> tuple[Machine, Machine]:
-    """A running source and a target waiting in inmigrate."""
-    src = machine(mode, vfs, profile, name="src", arch=arch)
-    dst = machine(target_mode or mode, vfs, profile, name="dst", arch=target_arch)
-    src.start()
-    dst.start(run=False, runstate=RunState.INMIGRATE)
-    return src, dst
-
-
-def real_states(m: Machine) -> list[MigState]:
-    return [MigState(d.call("device_state")) for d in m.devices]
-
-
-def ran(m: Machine) -> bool:
-    return any(t.new == RunState.RUNNING for t in m.vm.runstate_history)
+    with machine_factory("serial", 2, FAST) as make:
+        yield make
 
 
 def check_source_done(src: Machine, info: MigrationInfo) -> None:
@@ -195,11 +160,8 @@ def _cases() -> list[Any]:
 
 @pytest.mark.parametrize(("mode", "vfs", "channels"), _cases())
 def test_local_migration(mode: str, vfs: int, channels: int) -> None:
-    src = Machine(mode, name="src")
+    src = started_source(mode, vfs, FAST)
     try:
-        for i in range(vfs):
-            src.add_vfio_device(f"vf{i}", FAST, props=EVENTS)
-        src.start()
         configs = {d.name: d.config.hex() for d in src.devices}
         info, report = run_local(
             vfs, FAST, mode, params(channels), props=EVENTS, source=src
@@ -514,7 +476,7 @@ def run_pair(
 
 
 def stop_at_first_safe_point(
-    m: Machine, lock: MachineLock, stages: list[str], at: str = "precopy"
+    m: Machine, lock: MachineLock, at: str = "precopy"
 ) -> Callable[[str], None]:
     """An on_stage hook: at stage ``at`` another thread queues for the lock
     and stops the VM (paused), as a QMP ``stop`` does; the migration lets
@@ -528,7 +490,6 @@ def stop_at_first_safe_point(
             lock.release()
 
     def on_stage(name: str) -> None:
-        stages.append(name)
         if name == at:
             threading.Thread(target=stopper, name="user-stop").start()
             deadline = time.monotonic() + 10
@@ -537,6 +498,24 @@ def stop_at_first_safe_point(
                 time.sleep(0.001)
 
     return on_stage
+
+
+def run_pair_with_user_stop(src: Machine, dst: Machine, **kw: Any) -> tuple[Side, Side]:
+    """:func:`run_pair` with the caller holding the machine lock, as a QMP
+    ``migrate`` does, and a user's ``stop`` queued at the first safe point."""
+    lock = MachineLock()
+    assert lock.acquire(1)  # the migration's caller holds it
+    try:
+        return run_pair(
+            src,
+            dst,
+            params(),
+            lock=lock,
+            on_stage=stop_at_first_safe_point(src, lock),
+            **kw,
+        )
+    finally:
+        lock.release()
 
 
 def events_of(m: Machine, names: list[str]) -> list[Event]:
@@ -677,20 +656,8 @@ def test_a_stop_during_precopy_lets_the_migration_finish_paused(
     paused), the switchover stops a VM that is not live (O9), source
     postmigrate, and the target, told the source was paused, stays paused."""
     src, dst = pair(machine, mode, 2)
-    lock = MachineLock()
-    assert lock.acquire(1)  # the migration's caller holds it
-    stages: list[str] = []
     src_events = events_of(src, ["STOP", "RESUME"])
-    try:
-        source, target = run_pair(
-            src,
-            dst,
-            params(),
-            lock=lock,
-            on_stage=stop_at_first_safe_point(src, lock, stages),
-        )
-    finally:
-        lock.release()
+    source, target = run_pair_with_user_stop(src, dst)
     assert source.error is None and target.error is None, (source, target)
     info: MigrationInfo = source.info
     assert info.status == "completed" and not info.target_started
@@ -742,30 +709,16 @@ def test_a_failure_after_a_user_stop_leaves_the_vm_paused(
     """R7.2: the VM was paused when the switchover came: it is not
     restarted; the FAILED notifier still sets RUNNING (QEMU's quirk)."""
     src, dst = pair(machine, "serial", 2)
-    lock = MachineLock()
-    assert lock.acquire(1)
-    stages: list[str] = []
     resumed = events_of(src, ["RESUME"])
     failed: list[str] = []
-    cancel = Cancel()
-
-    def target_fails(name: str) -> None:
-        if name == "check":
-            cancel.cancel("target refuses")
-
-    try:
-        source, target = run_pair(
-            src,
-            dst,
-            params(),
-            lock=lock,
-            on_stage=stop_at_first_safe_point(src, lock, stages),
-            on_failed=failed.append,
-            target_on_stage=target_fails,
-            target_cancel=cancel,
-        )
-    finally:
-        lock.release()
+    cancel, target_fails = cancel_at("check", "target refuses")
+    source, target = run_pair_with_user_stop(
+        src,
+        dst,
+        on_failed=failed.append,
+        target_on_stage=target_fails,
+        target_cancel=cancel,
+    )
     assert isinstance(source.error, MigrationError), source.error
     assert "target refuses" in str(source.error) and failed
     assert src.vm.runstate == RunState.PAUSED
@@ -778,15 +731,13 @@ def test_a_failure_after_a_user_stop_leaves_the_vm_paused(
 
 
 def _mpvfio(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
         [sys.executable, "-m", "mpvfio", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         check=False,
     )
 
@@ -854,13 +805,12 @@ def test_cli_timeline_png(tmp_path: Path) -> None:
 def test_cli_migrate_to_incoming(tmp_path: Path) -> None:
     """``mpvfio incoming`` and ``mpvfio migrate --to`` as two processes."""
     sock = tmp_path / "m.sock"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     common = ["--vfs", "2", "--profile", "instant", "--mode", "serial", "--json"]
     target = subprocess.Popen(
         [sys.executable, "-m", "mpvfio", "incoming", "--listen", f"unix:{sock}",
          *common],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env=child_env(),
     )  # fmt: skip
     try:
         src = _mpvfio("migrate", "--to", f"unix:{sock}", *common)

@@ -24,9 +24,20 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from _helpers import (
+    EVENTS,
+    HAS_CALL_FDS,
+    MachineFactory,
+    cancel_at,
+    machine_factory,
+    pair,
+    ran,
+    real_states,
+    started_source,
+)
 
 from mpvfio.devices.profiles import Fault, MiB, Profile
-from mpvfio.machine import Machine, VFIODevice
+from mpvfio.machine import Machine
 from mpvfio.migration import engine
 from mpvfio.migration.engine import STAGES, MigrationError, MigrationParams
 from mpvfio.migration.local import PairResult, migrate_pair, run_local
@@ -40,11 +51,9 @@ from mpvfio.migration.transport import (
     sendall_deadline,
 )
 from mpvfio.uapi.vfio import MigFlag, MigState
-from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState
 
 S = MigState
-HAS_CALL_FDS = hasattr(VFIODevice, "call_fds")
 #: 64 KiB of state, 16 KiB pre-copied, nothing dirtied: the state a source
 #: rolls back to is exactly the state it started with.
 STABLE = Profile(name="stable", default_arc_ms=1.0, precopy_dirty=0)
@@ -65,12 +74,9 @@ SLOW = Profile(
 )
 #: 8 MiB, 64 KiB of it pre-copied: the STOP_COPY data takes about 0.5 s.
 SLOWSTOP = SLOW.replace(name="slowstop", precopy_initial=64 * 1024)
-EVENTS = MigrationProps(migration_events=True)
 TARGET_STAGES = ("accept", "load", "check", "start")
 
 pytestmark = pytest.mark.timeout(60)
-
-MachineFactory = Callable[..., Machine]
 
 
 def params(channels: int = 0, **kw: Any) -> MigrationParams:
@@ -79,56 +85,14 @@ def params(channels: int = 0, **kw: Any) -> MigrationParams:
     )
 
 
-def _modes(channels: int) -> list[Any]:
-    skip = pytest.mark.skipif(not HAS_CALL_FDS, reason="call_fds not available yet")
-    return [
-        pytest.param(m, marks=[skip] if m == "workers" and channels else [])
-        for m in ("serial", "threads", "workers")
-    ]
-
-
 @pytest.fixture
 def machine() -> Iterator[MachineFactory]:
-    made: list[Machine] = []
-
-    def make(
-        mode: str = "serial", vfs: int = 2, profile: Profile = STABLE, **kw: Any
-    ) -> Machine:
-        m = Machine(mode, **kw)
-        made.append(m)
-        for i in range(vfs):
-            m.add_vfio_device(f"vf{i}", profile, props=EVENTS)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
-
-
-def pair(
-    machine: MachineFactory,
-    mode: str = "serial",
-    vfs: int = 2,
-    profile: Profile = STABLE,
-    target_profile: Profile | None = None,
-) -> tuple[Machine, Machine]:
-    src = machine(mode, vfs, profile, name="src")
-    dst = machine(mode, vfs, target_profile or profile, name="dst")
-    src.start()
-    dst.start(run=False, runstate=RunState.INMIGRATE)
-    return src, dst
+    with machine_factory("serial", 2, STABLE) as make:
+        yield make
 
 
 def checksums(m: Machine) -> dict[str, str]:
     return {d.name: d.checksum() for d in m.devices}
-
-
-def real_states(m: Machine) -> list[MigState]:
-    return [MigState(d.call("device_state")) for d in m.devices]
-
-
-def ran(m: Machine) -> bool:
-    return any(t.new == RunState.RUNNING for t in m.vm.runstate_history)
 
 
 def check_rolled_back(src: Machine, before: dict[str, str]) -> None:
@@ -177,19 +141,11 @@ def check_report_reset(report: dict[str, Any] | None, vfs: int, stage: str) -> N
 # -- the target process killed ---------------------------------------------------------
 
 
-def _source(mode: str, vfs: int, profile: Profile) -> Machine:
-    m = Machine(mode, name="src")
-    for i in range(vfs):
-        m.add_vfio_device(f"vf{i}", profile, props=EVENTS)
-    m.start()
-    return m
-
-
 @pytest.mark.parametrize("stage", ["precopy", "stop", "data", "config", "complete"])
 @pytest.mark.parametrize("channels", [0, 2])
 def test_target_killed_at_a_source_stage(stage: str, channels: int) -> None:
     mode = "workers" if HAS_CALL_FDS else "threads"
-    src = _source(mode, 2, STABLE)
+    src = started_source(mode, 2, STABLE)
     try:
         before = checksums(src)
         pids: list[int] = []
@@ -215,7 +171,7 @@ def test_target_killed_at_a_source_stage(stage: str, channels: int) -> None:
 
 def test_target_killed_during_a_slow_precopy() -> None:
     """A timed kill: it lands while pre-copy data is streaming."""
-    src = _source("threads", 2, SLOW)
+    src = started_source("threads", 2, SLOW)
     try:
         before = checksums(src)
         pids: list[int] = []
@@ -434,7 +390,7 @@ def test_source_sends_garbage(
 def test_target_rejects_data_of_another_size(channels: int) -> None:
     """A source device of 64 KiB, a target device of 128 KiB: check fails."""
     mode = "workers" if HAS_CALL_FDS else "threads"
-    src = _source(mode, 2, STABLE)
+    src = started_source(mode, 2, STABLE)
     try:
         before = checksums(src)
         bigger = STABLE.replace(name="bigger", state_size=128 * 1024)
@@ -504,12 +460,7 @@ def test_cancel_at_source_stage(
         pytest.skip("call_fds not available yet")
     src, dst = pair(machine, mode, 2)
     before = checksums(src)
-    cancel = Cancel()
-
-    def on_stage(name: str) -> None:
-        if name == stage:
-            cancel.cancel(f"test cancels at {stage}")
-
+    cancel, on_stage = cancel_at(stage, f"test cancels at {stage}")
     t0 = time.monotonic()
     res = migrate_pair(src, dst, params(channels), cancel=cancel, on_stage=on_stage)
     assert time.monotonic() - t0 < 10
@@ -528,12 +479,7 @@ def test_cancel_at_target_stage(
         pytest.skip("call_fds not available yet")
     src, dst = pair(machine, mode, 2)
     before = checksums(src)
-    cancel = Cancel()
-
-    def on_stage(name: str) -> None:
-        if name == stage:
-            cancel.cancel(f"target cancels at {stage}")
-
+    cancel, on_stage = cancel_at(stage, f"target cancels at {stage}")
     t0 = time.monotonic()
     res = migrate_pair(
         src, dst, params(channels), target_cancel=cancel, target_on_stage=on_stage
@@ -663,12 +609,8 @@ def test_target_cancel_from_another_thread(machine: MachineFactory) -> None:
 def test_cancel_after_the_commit_changes_nothing(machine: MachineFactory) -> None:
     """Once "go" went out the target runs the VM: a late cancel is ignored."""
     src, dst = pair(machine, "serial", 2)
-    cancel = Cancel()
-
-    def late(name: str) -> None:
-        if name == "start":  # the target got "go"; the source awaits its answer
-            cancel.cancel("too late")
-
+    # at "start" the target got "go"; the source awaits its answer
+    cancel, late = cancel_at("start", "too late")
     res = migrate_pair(src, dst, params(), cancel=cancel, target_on_stage=late)
     assert res.ok, (res.error, res.target_error)
     assert res.info is not None and res.info.status == "completed"
@@ -681,7 +623,7 @@ def test_channel_count_mismatch_fails_at_once_and_says_it_once() -> None:
     """Source 4 multifd channels, target 2: the target refuses at accept; the
     source's error carries the target's reason once, not wrapped twice."""
     mode = "workers" if HAS_CALL_FDS else "threads"
-    src = _source(mode, 2, STABLE)
+    src = started_source(mode, 2, STABLE)
     try:
         before = checksums(src)
         t0 = time.monotonic()

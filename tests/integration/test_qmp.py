@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _helpers import ROOT, child_env
 
 from mpvfio.qmp.message import JSONStreamParser, Malformed, Parsed, encode
 
@@ -43,10 +44,10 @@ qmp = pytest.importorskip(
 )
 from qemu.qmp import ExecuteError, QMPClient  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 RUN_MAIN = "import sys; from mpvfio.qmp.run import main; sys.exit(main(sys.argv[1:]))"
 PREPARE_EVENT = "__org.mpvfio_VFIO_MIGRATION_PREPARE"
 QUERY_DEVICES = "__org.mpvfio_query-vfio-devices"
+EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
 T = TypeVar("T")
 
 
@@ -82,8 +83,8 @@ class VMProc:
             ) from None
 
 
-@contextlib.contextmanager
-def private_dir() -> Iterator[Path]:
+@pytest.fixture
+def workdir() -> Iterator[Path]:
     """A short private directory under /tmp (UNIX socket paths are short)."""
     path = Path(tempfile.mkdtemp(prefix="mpvfio-qmp-", dir="/tmp"))
     try:
@@ -93,21 +94,11 @@ def private_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short private directory under /tmp (UNIX socket paths are short)."""
-    with private_dir() as path:
-        yield path
-
-
-@contextlib.contextmanager
-def vm_spawner(workdir: Path) -> Iterator[Callable[..., VMProc]]:
+def spawn(workdir: Path) -> Iterator[Callable[..., VMProc]]:
     """Start ``mpvfio run`` processes; SIGTERM (then kill) the survivors."""
     started: list[VMProc] = []
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), env.get("PYTHONPATH")) if p
-    )
-    env["PYTHONUNBUFFERED"] = "1"
+    env = child_env(PYTHONUNBUFFERED="1")
+    argv = _run_argv()
 
     def start(
         name: str,
@@ -122,7 +113,7 @@ def vm_spawner(workdir: Path) -> Iterator[Callable[..., VMProc]]:
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [
-                    *_run_argv(),
+                    *argv,
                     "--vfs",
                     str(vfs),
                     "--profile",
@@ -155,13 +146,6 @@ def vm_spawner(workdir: Path) -> Iterator[Callable[..., VMProc]]:
             except subprocess.TimeoutExpired:
                 vm.proc.kill()
                 vm.proc.wait(10)
-
-
-@pytest.fixture
-def spawn(workdir: Path) -> Iterator[Callable[..., VMProc]]:
-    """Start ``mpvfio run`` processes; SIGTERM (then kill) the survivors."""
-    with vm_spawner(workdir) as start:
-        yield start
 
 
 def _arun(coro: Awaitable[T], timeout: float = 120.0) -> T:
@@ -262,16 +246,28 @@ async def wait_migration(
         await asyncio.sleep(0.05)
 
 
+async def wait_status(client: QMPClient, status: str, timeout: float = 30.0) -> None:
+    """Poll query-status until the run state is ``status``."""
+    deadline = time.monotonic() + timeout
+    while (await call(client, "query-status"))["status"] != status:
+        assert time.monotonic() < deadline, f"never {status}"
+        await asyncio.sleep(0.02)
+
+
 # --------------------------------------------------------- raw QMP sessions
 class Raw:
     """A raw QMP socket: send bytes, read CRLF-terminated JSON lines."""
 
     def __init__(self, path: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(path)
         self.buf = b""
-        self.greeting = self.read()
+        try:
+            self.sock.settimeout(30)
+            self.sock.connect(path)
+            self.greeting = self.read()
+        except BaseException:
+            self.sock.close()  # _raw retries until the server listens
+            raise
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -787,15 +783,14 @@ def test_migration_between_two_vms_over_qmp(
         vfs=vfs,
         profile="fixed50",
     )
-    events_on = {"capabilities": [{"capability": "events", "state": True}]}
 
     async def main() -> None:
         s = await connect(src.qmp, name="src")
         d = await connect(dst.qmp, name="dst")
         try:
             assert (await call(d, "query-status"))["status"] == "inmigrate"
-            await call(s, "migrate-set-capabilities", events_on)
-            await call(d, "migrate-set-capabilities", events_on)
+            await call(s, "migrate-set-capabilities", EVENTS_ON)
+            await call(d, "migrate-set-capabilities", EVENTS_ON)
             caps = await call(s, "query-migrate-capabilities")
             assert {"capability": "events", "state": True} in caps
             assert await call(s, "query-migrate") == {}
@@ -864,10 +859,7 @@ def test_client_disconnecting_mid_command_does_not_disturb_the_vm(
 
     async def main() -> None:
         s = await connect(src.qmp, name="observer")
-        deadline = time.monotonic() + 30
-        while (await call(s, "query-status"))["status"] != "paused":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+        await wait_status(s, "paused")
         await call(s, "cont")
         assert (await call(s, "query-status"))["running"] is True
 
@@ -895,11 +887,10 @@ def test_migrate_cancel_and_failed_incoming_exit(
     nobody = f"unix:{workdir / 'nobody.sock'}"  # no target listens here
     src = spawn("src", "--migration-events", vfs=2)
     dst = spawn("dst", "--incoming", "defer", vfs=1)  # wrong device set
-    events_on = {"capabilities": [{"capability": "events", "state": True}]}
 
     async def main() -> None:
         s = await connect(src.qmp, name="src")
-        await call(s, "migrate-set-capabilities", events_on)
+        await call(s, "migrate-set-capabilities", EVENTS_ON)
         await call(s, "migrate", {"uri": nobody})
         info = await call(s, "query-migrate")
         assert info["status"] in ("setup", "cancelling", "failed"), info

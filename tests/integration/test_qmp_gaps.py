@@ -23,7 +23,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ pytest.importorskip(
 
 from qemu.qmp import ExecuteError
 from test_qmp import (
+    EVENTS_ON,
     QUERY_DEVICES,
     VMProc,
     _arun,
@@ -43,15 +44,16 @@ from test_qmp import (
     _raw,
     call,
     connect,
-    private_dir,
     quit_vm,
-    vm_spawner,
+    spawn,
     wait_event,
     wait_migration,
+    workdir,
 )
 
+#: test_qmp's fixtures: imported (and named here) so that pytest finds them
+_FIXTURES = (spawn, workdir)
 MiB = 1024 * 1024
-EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
 
 #: 4 MiB of state, all of it pre-copied, at 4 MiB/s: one VF pre-copies for
 #: about a second (and sends its STOP_COPY data for about another).
@@ -80,18 +82,6 @@ FAULTY_STOP = {
 }
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with private_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def spawn(workdir: Path) -> Iterator[Callable[..., VMProc]]:
-    with vm_spawner(workdir) as start:
-        yield start
-
-
 def profile_file(workdir: Path, profile: dict[str, Any]) -> str:
     path = workdir / f"{profile['name']}.json"
     path.write_text(json.dumps(profile))
@@ -110,13 +100,6 @@ def index_of(hist: list[dict[str, Any]], pred: Callable[[dict[str, Any]], bool])
     found = [i for i, e in enumerate(hist) if pred(e)]
     assert found, names(hist)
     return found[0]
-
-
-async def wait_status(client: Any, status: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (await call(client, "query-status"))["status"] != status:
-        assert time.monotonic() < deadline, f"never {status}"
-        await asyncio.sleep(0.02)
 
 
 # ================================================================== gap 1
