@@ -50,21 +50,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN_MAIN = "import sys; from mpvfio.qmp.run import main; sys.exit(main(sys.argv[1:]))"
+RUN_ARGV = [sys.executable, "-m", "mpvfio", "run"]
 NET = "10.231.1"
 PORT = 4444
 IP_TIMEOUT = 15.0
-
-
-def run_argv() -> list[str]:
-    """``python -m mpvfio run`` once the cli has it, else the module's main."""
-    sys.path.insert(0, str(ROOT))
-    from mpvfio import cli
-
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:
-            return [sys.executable, "-m", "mpvfio", "run"]
-    return [sys.executable, "-c", RUN_MAIN]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -122,14 +111,13 @@ class Pair:
             p for p in (str(ROOT), env.get("PYTHONPATH")) if p
         )
         env["PYTHONUNBUFFERED"] = "1"
-        base = run_argv()
         dst = ["--name", "dst", "--qmp", f"unix:{self.dst_qmp}", "--incoming", "defer"]
         roles = {
             "src": [*common, "--name", "src", "--qmp", f"unix:{self.src_qmp}"],
             "dst": [*common, *dst],
         }
         for role, extra in roles.items():
-            argv = [*base, *extra]
+            argv = [*RUN_ARGV, *extra]
             if a.netns:
                 argv = ["ip", "netns", "exec", self.ns[role], *argv]
             log = self.dir / f"{role}.log"

@@ -43,20 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MONO = "__org.mpvfio_mono-ns"
-RUN_MAIN = "import sys; from mpvfio.qmp.run import main; sys.exit(main(sys.argv[1:]))"
-
-
-def run_argv() -> list[str]:
-    """``python -m mpvfio run`` once the cli has it, else the module's main."""
-    import argparse as _ap
-
-    from mpvfio import cli
-
-    parser = cli.build_parser()
-    for action in parser._actions:
-        if isinstance(action, _ap._SubParsersAction) and "run" in action.choices:
-            return [sys.executable, "-m", "mpvfio", "run"]
-    return [sys.executable, "-c", RUN_MAIN]
+RUN_ARGV = [sys.executable, "-m", "mpvfio", "run"]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -197,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 f,
             )
     cmd = [
-        *run_argv(),
+        *RUN_ARGV,
         "--vfs", str(args.vfs),
         "--profile", profile,
         "--mode", args.mode,

@@ -61,6 +61,7 @@ with device errors) the source stays stopped (postmigrate) and raises.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import socket
@@ -68,7 +69,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,7 +80,8 @@ from mpvfio.errors import (
     StateError,
     UsageError,
 )
-from mpvfio.machine import Machine, Mode, VFIODevice
+from mpvfio.ipc import _posix
+from mpvfio.machine import Machine, Mode, NotifyReport, VFIODevice
 from mpvfio.migration.multifd import (
     PACKET_HEADER,
     MultifdError,
@@ -115,6 +117,7 @@ from mpvfio.migration.transport import (
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import DATA_BUFFER_SIZE
 from mpvfio.vmstate import RunState, runstate_is_live
+from mpvfio.workers.migration import send_device_state
 
 __all__ = [
     "IncomingInfo",
@@ -464,6 +467,7 @@ def _read_answer(sock: Any, timeout: float, cancel: Cancel | None) -> dict[str, 
     return msg
 
 
+@functools.cache
 def _boot_id() -> str:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -493,6 +497,17 @@ class _Writer:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.f.close()
+
+
+def _arc_spans(
+    report: NotifyReport, devs: Iterable[VFIODevice], what: str
+) -> list[Span]:
+    """A stop's or start's transitions, per device, as timeline bars."""
+    return [
+        Span(d.name, f"{what} {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns)
+        for d in devs
+        for a in report.arcs.get(d.name, [])
+    ]
 
 
 def _device_errors(machine: Machine, since: int) -> list[str]:
@@ -552,16 +567,13 @@ def migrate(
     devs = machine.devices
     t0 = time.monotonic_ns()
     live = live if live is not None else LiveStats()
-    # committed: "go" went out, the target may run the VM from now on;
-    # target_idle: the target answered that it did not start after all;
-    # old_runstate: the run state the switchover stopped (QEMU's
-    # vm_old_state, None before the stop).
-    state: dict[str, Any] = {
-        "stop_ns": 0,
-        "committed": False,
-        "target_idle": False,
-        "old_runstate": None,
-    }
+    stop_ns = 0
+    # committed: "go" went out, the target may run the VM from now on
+    committed = False
+    # the target answered that it did not start after all
+    target_idle = False
+    # the run state the switchover stopped (QEMU's vm_old_state)
+    old_runstate: RunState | None = None
     chans: Channels | None = None
     writer: _Writer | None = None
     n_err = len(machine.errors)
@@ -615,18 +627,14 @@ def migrate(
         _expect(ack, "switchover-ack", "precopy")
 
         stage("stop")
-        state["stop_ns"] = time.monotonic_ns()
+        stop_ns = time.monotonic_ns()
         # migration_stop_vm: vm_old_state, then vm_stop_force_state (which
         # runs no handler when a user's stop already paused the VM, O9)
-        state["old_runstate"] = machine.vm.runstate
+        old_runstate = machine.vm.runstate
         machine.vm_stop(RunState.FINISH_MIGRATE)
         stop = machine.last_report
         info.stop_ms = stop.ms
-        for d in devs:
-            info.timeline.extend(
-                Span(d.name, f"stop {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns)
-                for a in stop.arcs.get(d.name, [])
-            )
+        info.timeline += _arc_spans(stop, devs, "stop")
         errs = _device_errors(machine, n_err)
         if errs:  # R6.1: the error fails the outgoing migration
             raise MigrationError("; ".join(errs), "stop")
@@ -663,15 +671,15 @@ def migrate(
         # never got it (a partial message is not a "go").  It carries the
         # run state the switchover stopped, QEMU's global state: a target
         # only starts a VM that was running here.
-        go = {"status": "go", "runstate": str(state["old_runstate"])}
+        go = {"status": "go", "runstate": str(old_runstate)}
         _answer(chans.main, go, p.timeout)
-        state["committed"] = True
+        committed = True
         answer = _read_answer(chans.main, p.timeout, None)
         if answer.get("status") != "completed":
-            state["target_idle"] = answer.get("started") is False
+            target_idle = answer.get("started") is False
             _expect(answer, "completed", "complete")
         # The target runs the VM now: nothing below may fail the migration.
-        _take_answer(info, answer, state["stop_ns"])
+        _take_answer(info, answer, stop_ns)
         # The source's state is frozen since the stop (STOP_COPY): its
         # checksum is taken now, outside the downtime it would otherwise add.
         for d in devs:
@@ -688,7 +696,7 @@ def migrate(
         say(f"completed: downtime {info.downtime_ms:.1f} ms")
         return info
     except BaseException as exc:
-        cancelled = cancel.cancelled and not state["committed"]
+        cancelled = cancel.cancelled and not committed
         info.status = "cancelled" if cancelled else "failed"
         info.error = str(exc)
         reason = exc
@@ -696,12 +704,8 @@ def migrate(
             reason = _target_reason(chans, exc)
         if chans is not None:  # before the rollback: a loading target fails now
             chans.close()
-        locked = lock is None or lock.owned()
-        for _ in range(3):  # a stop/cont in progress ends within its timeouts
-            if locked:
-                break
-            assert lock is not None
-            locked = lock.acquire(p.timeout)
+        # a stop/cont in progress ends within its timeouts
+        locked = lock is None or lock.owned() or lock.acquire(3 * p.timeout)
         if not locked:
             # a notification that hangs this long: rolling back beside it
             # would run two notifications at once; report instead
@@ -712,7 +716,7 @@ def migrate(
             _log.error("%s", info.error)
             info.total_ms = (time.monotonic_ns() - t0) / 1e6
             raise MigrationError(info.error, info.stage) from exc
-        if state["committed"] and not state["target_idle"]:
+        if committed and not target_idle:
             detail = (
                 reason.args[0] if isinstance(reason, MigrationError) else str(reason)
             )
@@ -736,7 +740,7 @@ def migrate(
             failure = exc
         if not cancelled:  # R7.2: FAILED first, then the restart
             _tell_failed(on_failed, failure)
-        _rollback(machine, info, state["old_runstate"])
+        _rollback(machine, info, old_runstate)
         info.total_ms = (time.monotonic_ns() - t0) / 1e6
         if failure is exc:
             raise
@@ -925,6 +929,19 @@ def _stopcopy_chunks(
         live.stopcopy_bytes = info.stopcopy_bytes
 
 
+class _ThreadFrameLock:
+    """A channel's frame lock for senders that are threads of this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        return self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+
 def _send_multifd(
     machine: Machine,
     chans: Channels,
@@ -938,45 +955,26 @@ def _send_multifd(
     The senders are the devices' workers: their bytes are counted (in
     ``live``) when they finish.
     """
-    from mpvfio.workers.migration import send_device_state
-
     devs = machine.devices
     n = len(chans.extra)
     results: dict[str, Any] = {}
     errors: list[BaseException] = []
-    locks: list[str | None] = []
-    thread_locks = [threading.Lock() for _ in range(n)]
+    thread_locks = [_ThreadFrameLock() for _ in range(n)]
     reg = machine.registry
-    created: list[Any] = []
-    if machine.mode == Mode.WORKERS:
-        from mpvfio.ipc import _posix
-
-        assert reg is not None
-        for i in range(n):
-            name = reg.name(f"mfd{i}-{time.monotonic_ns() & 0xFFFFFF:x}")
-            created.append(_posix.create_semaphore(name, 1))
-            reg.add(name, "sem")
-            locks.append(name)
-
-    class _TLock:
-        def __init__(self, lk: threading.Lock) -> None:
-            self.lk = lk
-
-        def acquire(self, timeout: float | None = None) -> bool:
-            return self.lk.acquire(timeout=-1 if timeout is None else timeout)
-
-        def release(self) -> None:
-            self.lk.release()
+    workers = machine.mode == Mode.WORKERS
+    # WORKERS: one named semaphore per channel, which the workers open by name
+    created: list[tuple[str, _posix.Semaphore]] = []
+    threads: list[threading.Thread] = []
 
     def run(i: int, d: VFIODevice) -> None:
         ch = i % n
         payload = encode_config_state(d.config)
         try:
-            if machine.mode == Mode.WORKERS:
+            if workers:
                 results[d.name] = d.call_fds(
                     "mig_send",
                     [chans.extra[ch].fileno()],
-                    locks[ch],
+                    created[ch][0],
                     vfio_idstr(d.name),
                     payload,
                     p.timeout,
@@ -989,7 +987,7 @@ def _send_multifd(
                     results[d.name] = send_device_state(
                         d.mig,
                         dup,
-                        _TLock(thread_locks[ch]),
+                        thread_locks[ch],
                         vfio_idstr(d.name),
                         payload,
                         p.timeout,
@@ -1000,20 +998,19 @@ def _send_multifd(
         except BaseException as exc:  # noqa: BLE001 - joined and re-raised below
             errors.append(exc)
 
-    threads = [
-        threading.Thread(target=run, args=(i, d), name=f"mfd-send-{d.name}")
-        for i, d in enumerate(devs)
-    ]
-    started: list[threading.Thread] = []
     try:
-        for t in threads:
+        if workers:
+            assert reg is not None
+            for i in range(n):
+                name = reg.name(f"mfd{i}-{time.monotonic_ns() & 0xFFFFFF:x}")
+                created.append((name, _posix.create_semaphore(name, 1)))
+                reg.add(name, "sem")
+        for i, d in enumerate(devs):
+            t = threading.Thread(target=run, args=(i, d), name=f"mfd-send-{d.name}")
             t.start()
-            started.append(t)
+            threads.append(t)
         for d in devs:  # R8.7: the main thread's save_complete writes EOS only
             w.section_end(d.name)
-        deadline = time.monotonic() + p.timeout + 10
-        for t in started:
-            t.join(max(0.0, deadline - time.monotonic()))
     except BaseException:
         # The main channel failed: stop the senders (a shut down channel
         # fails their next send) before the rollback touches the devices.
@@ -1023,16 +1020,13 @@ def _send_multifd(
         raise
     finally:
         deadline = time.monotonic() + p.timeout + 10
-        for t in started:
+        for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if machine.mode == Mode.WORKERS and reg is not None:
-            # the workers opened the semaphores by name: they keep their own
-            from mpvfio.ipc import _posix
-
-            for sem, lock_name in zip(created, locks, strict=True):
-                _posix.close_semaphore(sem)
-                if lock_name is not None:
-                    reg.unlink(lock_name)
+        # the workers opened the semaphores by name: they keep their own
+        for lock_name, sem in created:
+            _posix.close_semaphore(sem)
+            assert reg is not None
+            reg.unlink(lock_name)
     if any(t.is_alive() for t in threads):
         raise MigrationError("a multifd sender did not finish in time", "data")
     if errors:
@@ -1301,13 +1295,7 @@ def incoming(
             info.resumed_ns = time.monotonic_ns()
             start = machine.last_report
             info.start_ms = start.ms
-            for d in devs.values():
-                info.timeline.extend(
-                    Span(
-                        d.name, f"start {a.src.name}>{a.dst.name}", a.start_ns, a.end_ns
-                    )
-                    for a in start.arcs.get(d.name, [])
-                )
+            info.timeline += _arc_spans(start, devs.values(), "start")
         else:
             # not live: no handler runs, the devices stay RESUMING (R9.6).
             # (QEMU restores the source's state; a source here can only

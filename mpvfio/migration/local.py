@@ -235,8 +235,14 @@ def run_local(
             list(target_devices) if target_devices else None,
         ),
     )
-    target.start()
-    child.close()
+    try:
+        target.start()
+    except BaseException:
+        parent.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        child.close()
     report: dict[str, Any] = {}
     try:
         if not parent.poll(60.0):

@@ -156,7 +156,7 @@ class JSONStreamParser:
 
     def feed(self, data: bytes) -> list[Item]:
         """Consume ``data``; return the items of every message it completed."""
-        return list(self._feed(memoryview(data).tobytes()))
+        return list(self._feed(bytes(data)))  # no copy of a bytes object
 
     def _feed(self, data: bytes) -> Iterator[Item]:
         pos = 0

@@ -400,12 +400,13 @@ class QMPServer:
                     return
             await self._drain(s)
 
-    def _send(self, s: _Session, msg: dict[str, Any]) -> None:
-        """Write one message; drop the session if its backlog is too large."""
+    def _send(self, s: _Session, msg: dict[str, Any] | bytes) -> None:
+        """Write one message, or its bytes from :func:`encode`; drop the
+        session if its backlog is too large."""
         if s.closed or s.writer.is_closing():
             return
         try:
-            s.writer.write(encode(msg))
+            s.writer.write(msg if isinstance(msg, bytes) else encode(msg))
         except (ConnectionError, OSError, RuntimeError):
             s.closed = True
             return
@@ -481,9 +482,10 @@ class QMPServer:
         :returns: how many sessions it was written to.
         """
         n = 0
+        data = encode(message)  # once, not once per session
         for s in list(self._sessions.values()):
             if s.negotiated and not s.closed:
-                self._send(s, message)
+                self._send(s, data)
                 n += 1
         return n
 

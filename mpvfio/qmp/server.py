@@ -447,10 +447,6 @@ class MachineService:
         if self._closing:
             raise QMPError("the VM is shutting down")
 
-    def _migration_active(self) -> bool:
-        mig = self._mig
-        return mig is not None and mig.active
-
     def _migration_running(self) -> bool:
         mig = self._mig
         return mig is not None and mig.running
@@ -741,10 +737,13 @@ class MachineService:
                     "started": inc.started,
                 }
             return out
+        info = mig.info
+        done = status == "completed" and info is not None
+        if not done and status not in _COUNTING:
+            return out  # setup, failed, cancelled: no times
         if mig.setup_end_ns:
             out["setup-time"] = _ms(mig.setup_end_ns - mig.start_ns)
-        info = mig.info
-        if status == "completed" and info is not None:
+        if info is not None and done:
             out["total-time"] = round(info.total_ms)
             out["downtime"] = round(info.downtime_ms)
             out["ram"] = _ram_stats(
@@ -769,7 +768,7 @@ class MachineService:
             if info.target_started:  # a paused target checks when it starts
                 switchover["checksums-equal"] = info.checksums_equal
             out[f"{PREFIX}switchover"] = switchover
-        elif status in _COUNTING:
+        else:
             snap = mig.live.snapshot()
             total_ms = (time.monotonic_ns() - mig.start_ns) / 1e6
             out["total-time"] = round(total_ms)
@@ -784,18 +783,16 @@ class MachineService:
                 total_ms,
             )
             out["vfio"] = {"transferred": snap["vfio"]}
-        else:
-            out.pop("setup-time", None)  # setup, failed, cancelled: no times
         return out
 
     # ----------------------------------------------- capabilities/params
     async def _set_capabilities(self, args: dict[str, Any]) -> Any:
         mig = self._mig
+        # a target still waiting for its source may change them: its
+        # parameters are read when the source connects
         waiting = mig is not None and mig.direction == "incoming"
         waiting = waiting and mig is not None and mig.status == "setup"
-        if self._migration_active() and not waiting:
-            # (a target still waiting for its source may change them: its
-            # parameters are read when the source connects)
+        if mig is not None and mig.active and not waiting:
             raise QMPError(_MIGRATION_IN_PROGRESS)
         wanted = [(c["capability"], c["state"]) for c in args["capabilities"]]
         for cap, state in wanted:
