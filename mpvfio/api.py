@@ -26,8 +26,6 @@ Example::
 
 from __future__ import annotations
 
-from mpvfio.arcreport import report_json as arc_report_json
-from mpvfio.arcreport import text_report as arc_report_text
 from mpvfio.devices.base import ArcRecord as ArcRecord
 from mpvfio.devices.base import DeviceBackend as DeviceBackend
 from mpvfio.devices.emulated import EmulatedDevice as EmulatedDevice
@@ -39,9 +37,9 @@ from mpvfio.devices.profiles import get_profile as get_profile
 from mpvfio.devices.profiles import load_profile as load_profile
 from mpvfio.devices.registry import open_backend as open_backend
 from mpvfio.devices.registry import parse_spec as parse_spec
-from mpvfio.devices.vfio_user import VFIOUserDevice as VFIOUserDevice
-from mpvfio.devices.vfio_user_server import DeviceServer as DeviceServer
-from mpvfio.devices.vfio_user_server import ServerProcess as ServerProcess
+from mpvfio.devices.vfio_user.client import VFIOUserDevice as VFIOUserDevice
+from mpvfio.devices.vfio_user.server import DeviceServer as DeviceServer
+from mpvfio.devices.vfio_user.server import ServerProcess as ServerProcess
 from mpvfio.errors import BarrierError as BarrierError
 from mpvfio.errors import DeviceError as DeviceError
 from mpvfio.errors import MigrationBlockedError as MigrationBlockedError
@@ -55,6 +53,9 @@ from mpvfio.errors import WorkerError as WorkerError
 from mpvfio.errors import WorkerTimeout as WorkerTimeout
 from mpvfio.events import Event as Event
 from mpvfio.events import EventBus as EventBus
+from mpvfio.jobs.switchover import SwitchoverResult as SwitchoverResult
+from mpvfio.jobs.switchover import event_order_violations as event_order_violations
+from mpvfio.jobs.switchover import run_switchover as run_switchover
 from mpvfio.machine import Machine as Machine
 from mpvfio.machine import Mode as Mode
 from mpvfio.machine import NotifyReport as NotifyReport
@@ -68,13 +69,12 @@ from mpvfio.migration.engine import MigrationParams as MigrationParams
 from mpvfio.migration.engine import incoming as incoming
 from mpvfio.migration.engine import migrate as migrate
 from mpvfio.migration.local import run_local as run_local
-from mpvfio.migration.transport import Cancel as Cancel
-from mpvfio.migration.transport import listen as listen
+from mpvfio.net.transport import Cancel as Cancel
+from mpvfio.net.transport import listen as listen
 from mpvfio.qdev import VM as VM
 from mpvfio.qdev import QdevTree as QdevTree
-from mpvfio.switchover import SwitchoverResult as SwitchoverResult
-from mpvfio.switchover import event_order_violations as event_order_violations
-from mpvfio.switchover import run_switchover as run_switchover
+from mpvfio.report.arcreport import report_json as arc_report_json
+from mpvfio.report.arcreport import text_report as arc_report_text
 from mpvfio.uapi.fsm import walk as fsm_walk
 from mpvfio.uapi.vfio import MigFlag as MigFlag
 from mpvfio.uapi.vfio import MigState as MigState

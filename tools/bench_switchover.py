@@ -2,7 +2,7 @@
 """Switchover benchmark: stop + start phase times per mode, interleaved.
 
 The same options as ``mpvfio bench switchover`` (both call
-:func:`mpvfio.bench.run_bench_cli`), e.g.::
+:func:`mpvfio.jobs.bench.run_bench_cli`), e.g.::
 
     python tools/bench_switchover.py --vfs 4,16,64 --profile fixed50 --rounds 5
     python tools/bench_switchover.py --profile instant --vfs 4,16,64 --rounds 20
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from mpvfio.bench import main
+from mpvfio.jobs.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
 """Check that mpvfio's imports only go down the layers.
 
-    L0 constants      mpvfio, errors, events, uapi.*
-    L1 devices        devices.*, ipc.*, vmstate, qdev, vfiomig, and the pure
-                      migration codecs/transports (migration, .stream,
-                      .multifd, .transport): workers use the packet codec
-    L2 workers        workers/ (installed as mpvfio.workers.*)
+One package (or top-level module), one layer:
+
+    L0 constants      mpvfio (the package itself), errors, events, argtypes,
+                      uapi
+    L1 devices        ipc, net, wire, devices, vmstate, qdev, vfiomig
+    L2 workers        workers (installed as mpvfio.workers)
     L3 orchestration  machine
-    L4 migration      switchover, bench, stress, seedtable, arcreport,
-                      migration.engine/.local
-    L5 QMP / CLI      cli, __main__, api, qmp.*
+    L4 migration      migration, jobs, report
+    L5 QMP / CLI      qmp, cli, api, __main__
 
 A module may import from its own layer or any lower one.  Every module must
-be assigned a layer (a new module fails the check until it is placed here).
-Imports inside functions count too: a lazy import is still a dependency.
+belong to a package of the table (a new package fails the check until it is
+placed here).  Imports inside functions count too: a lazy import is still a
+dependency.  A module may not import a private name (``_x``) of another
+package, nor a private module of another package.
 
 Usage: ``python tools/check_layers.py [ROOT]``; exit 0 when clean, 1 with one
 line per violation otherwise.  ``tests/unit/test_layers.py`` runs it.
@@ -34,48 +36,51 @@ LAYER_NAMES = [
     "QMP/CLI",
 ]
 
-#: Module-name prefixes and their layer; the longest matching prefix wins.
+#: Packages and top-level modules of ``mpvfio``, each with its layer.
 LAYERS: dict[str, int] = {
-    "mpvfio": 0,
     "mpvfio.errors": 0,
-    "mpvfio.argtypes": 0,
     "mpvfio.events": 0,
+    "mpvfio.argtypes": 0,
     "mpvfio.uapi": 0,
-    "mpvfio.devices": 1,
     "mpvfio.ipc": 1,
+    "mpvfio.net": 1,
+    "mpvfio.wire": 1,
+    "mpvfio.devices": 1,
     "mpvfio.vmstate": 1,
     "mpvfio.qdev": 1,
     "mpvfio.vfiomig": 1,
     "mpvfio.workers": 2,
     "mpvfio.machine": 3,
-    "mpvfio.switchover": 4,
-    "mpvfio.bench": 4,
-    "mpvfio.stress": 4,
-    "mpvfio.seedtable": 4,
-    "mpvfio.arcreport": 4,
-    "mpvfio.migration": 1,
-    "mpvfio.migration.stream": 1,
-    "mpvfio.migration.multifd": 1,
-    "mpvfio.migration.transport": 1,
-    "mpvfio.migration.engine": 4,
-    "mpvfio.migration.local": 4,
-    "mpvfio.cli": 5,
-    "mpvfio.__main__": 5,
-    "mpvfio.api": 5,
+    "mpvfio.migration": 4,
+    "mpvfio.jobs": 4,
+    "mpvfio.report": 4,
     "mpvfio.qmp": 5,
+    "mpvfio.cli": 5,
+    "mpvfio.api": 5,
+    "mpvfio.__main__": 5,
 }
+
+#: The root package (its ``__init__``: the version) sits below everything.
+ROOT = "mpvfio"
+
+
+def unit_of(module: str) -> str | None:
+    """The table entry (package or top-level module) a module belongs to."""
+    if module == ROOT:
+        return ROOT
+    parts = module.split(".")
+    if len(parts) < 2 or parts[0] != ROOT:
+        return None
+    unit = ".".join(parts[:2])
+    return unit if unit in LAYERS else None
 
 
 def layer_of(module: str) -> int | None:
     """The layer of a module name, or ``None`` if it is not assigned."""
-    best: tuple[int, int] | None = None
-    for prefix, layer in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
-            if prefix in ("mpvfio", "mpvfio.migration") and module != prefix:
-                continue  # a bare package entry only covers its __init__.py
-            if best is None or len(prefix) > best[0]:
-                best = (len(prefix), layer)
-    return None if best is None else best[1]
+    unit = unit_of(module)
+    if unit is None:
+        return None
+    return 0 if unit == ROOT else LAYERS[unit]
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -105,10 +110,12 @@ def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
             else:
                 name = node.module or ""
             out.append((node.lineno, name))
-            # "from mpvfio import machine" imports the submodule mpvfio.machine
+            # "from mpvfio import machine" imports the submodule mpvfio.machine;
+            # "from mpvfio.ipc import _posix" names a private module or name
             for alias in node.names:
                 sub = f"{name}.{alias.name}"
-                if layer_of(sub) is not None and sub in LAYERS:
+                dunder = alias.name.startswith("__")
+                if sub in LAYERS or (alias.name.startswith("_") and not dunder):
                     out.append((node.lineno, sub))
     return out
 
@@ -138,6 +145,18 @@ def check(root: Path) -> list[str]:
             if not (target == "mpvfio" or target.startswith("mpvfio.")):
                 continue
             theirs = layer_of(target)
+            private = next(
+                (p for p in target.split(".")[2:] if p.startswith("_")), None
+            )
+            if (
+                private is not None
+                and private != "__init__"
+                and unit_of(target) != unit_of(module)
+            ):
+                problems.append(
+                    f"{rel}:{line}: import {target}: {private} is private to "
+                    f"{unit_of(target)}"
+                )
             if theirs is None:
                 problems.append(f"{rel}:{line}: {target} has no layer")
             elif theirs > mine:

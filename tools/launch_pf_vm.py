@@ -74,7 +74,7 @@ class Setup:
 
     def start(self) -> None:
         sys.path.insert(0, str(ROOT))
-        from mpvfio.devices.vfio_user_server import ServerProcess
+        from mpvfio.devices.vfio_user.server import ServerProcess
 
         a = self.args
         self.server = ServerProcess(self.prefix, a.vfs, a.profile, seed=a.seed)

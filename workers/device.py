@@ -57,7 +57,7 @@ from mpvfio.errors import (
     UsageError,
 )
 from mpvfio.events import Event
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.ipc.barrier import BarrierSpec, ProcessBarrier
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import MigrationProps, VFIOMigration
@@ -286,7 +286,7 @@ class _Worker:
         self.cmd = cmd
         self.ev = ev
         # the PF concurrency gate: a named semaphore the parent created
-        self.gate = _posix.NamedLock(spec.gate_name) if spec.gate_name else None
+        self.gate = posixobj.NamedLock(spec.gate_name) if spec.gate_name else None
         self.barrier = ProcessBarrier.attach(spec.barrier) if spec.barrier else None
         self.slot: WorkerSlot = WorkerSlot.attach(spec.slot)
         self.device = open_device(
@@ -423,12 +423,12 @@ class _Worker:
             # Broken by a party's own timeout or an abort after a lock
             # timeout (the parent removes failed parties without breaking).
             self._notes.append(f"barrier broken ({exc}); went on to phase 2")
-            _posix.release(self.slot.crossed)  # the parent looks at once
+            posixobj.release(self.slot.crossed)  # the parent looks at once
         else:
             if idx == barrier.parties - 1:
                 # the last arriver, after it released the others: now the
                 # parent's P2P interlock may wake (and take this CPU)
-                _posix.release(self.slot.crossed)
+                posixobj.release(self.slot.crossed)
 
     def fast_transition(self) -> None:
         """The slot's transition command; the result in the slot if it fits.
@@ -491,11 +491,11 @@ class _Worker:
         late alldone token only costs the parent a spurious wake-up.
         """
         slot = self.slot
-        _posix.try_acquire(slot.outstanding)
+        posixobj.try_acquire(slot.outstanding)
         last = slot.outstanding.value == 0
-        _posix.release(slot.done)
+        posixobj.release(slot.done)
         if last:
-            _posix.release(slot.alldone)
+            posixobj.release(slot.alldone)
 
     def phase(
         self,
@@ -551,7 +551,7 @@ class _Worker:
         """Block until the parent posts ``go``; the op, or ``None`` (stray)."""
         go = self.slot.go
         mv = self.slot.mv
-        while not _posix.acquire(go, IDLE_CHECK_S):
+        while not posixobj.acquire(go, IDLE_CHECK_S):
             if os.getppid() != self.spec.parent_pid:
                 return -1
         seq = int(mv[sl.CMD_SEQ])

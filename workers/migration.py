@@ -23,9 +23,9 @@ import time
 from typing import Any, Protocol
 
 from mpvfio.errors import DeviceError, MpvfioError
-from mpvfio.ipc import _posix
-from mpvfio.migration.multifd import pack_packet_header, pack_wrapper
+from mpvfio.ipc import posixobj
 from mpvfio.vfiomig import DATA_BUFFER_SIZE, VFIOMigration
+from mpvfio.wire.multifd import pack_packet_header, pack_wrapper
 
 __all__ = ["FrameLock", "send_device_state", "worker_call"]
 
@@ -132,7 +132,7 @@ def worker_call(worker: Any, method: str, args: tuple[Any, ...], fds: list[int])
             if len(fds) != 1:
                 raise MpvfioError(f"mig_send needs one channel fd, got {len(fds)}")
             sock = socket.socket(fileno=fds.pop())
-            lock = _posix.NamedLock(lock_name) if lock_name else None
+            lock = posixobj.NamedLock(lock_name) if lock_name else None
             try:
                 return send_device_state(
                     worker.mig, sock, lock, idstr, config_payload, timeout

@@ -59,7 +59,7 @@ from mpvfio.errors import (
     WorkerTimeout,
 )
 from mpvfio.events import Event
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.uapi.vfio import MigState
 from mpvfio.workers import slots as sl
 from mpvfio.workers.device import Status, WorkerSpec, worker_main
@@ -178,8 +178,8 @@ class WorkerHandle:
         slot = self.slot
         # A previous worker of this slot is gone: no stray wake-up or done
         # token may reach the new one, and its events start from zero.
-        _posix.drain(slot.go)
-        _posix.drain(slot.done)
+        posixobj.drain(slot.go)
+        posixobj.drain(slot.done)
         slot.mv[sl.EV_COUNT] = 0
         self._ev_seen = 0
         self._seq = int(slot.mv[sl.CMD_SEQ])
@@ -219,7 +219,7 @@ class WorkerHandle:
         self._seq += 1
         mv[sl.CMD_OP] = op
         mv[sl.CMD_SEQ] = self._seq
-        _posix.release(self.slot.go)
+        posixobj.release(self.slot.go)
 
     def _write(self, msg: tuple[Any, ...]) -> None:
         """Wake the worker for a pipe command, then write the command.
@@ -283,7 +283,7 @@ class WorkerHandle:
         mv[sl.CMD_BARRIER] = use_barrier
         mv[sl.CMD_TIMEOUT_US] = int(barrier_timeout * 1e6)
         self.pending = "transition"
-        _posix.release(self.slot.outstanding)
+        posixobj.release(self.slot.outstanding)
         self._kick(sl.OP_TRANSITION)
 
     def arrived(self) -> bool:
@@ -303,23 +303,23 @@ class WorkerHandle:
         seq = self._seq
         done = slot.done
         while True:
-            if done.value and _posix.try_acquire(done):
+            if done.value and posixobj.try_acquire(done):
                 if mv[sl.DONE_SEQ] == seq:
                     break
                 continue  # a stray token of an abandoned transition
             # Not done yet: sleep until the round's last transition finishes
             # (one wake-up for all the joins), or a slice passes.
             remaining = deadline - time.monotonic()
-            if remaining > 0 and _posix.acquire(
+            if remaining > 0 and posixobj.acquire(
                 slot.alldone, min(remaining, WATCH_SLICE_S)
             ):
                 continue
-            if _posix.try_acquire(done):
+            if posixobj.try_acquire(done):
                 if mv[sl.DONE_SEQ] == seq:
                     break
                 continue
             if not self.alive():
-                if _posix.try_acquire(done) and mv[sl.DONE_SEQ] == seq:
+                if posixobj.try_acquire(done) and mv[sl.DONE_SEQ] == seq:
                     break  # done just before it died
                 self.proc.join(1.0)
                 raise self._dead_error("died during 'transition'")

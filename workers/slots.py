@@ -44,7 +44,7 @@ from __future__ import annotations
 import mmap
 from dataclasses import dataclass
 
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.ipc.names import NameRegistry
 
 __all__ = [
@@ -115,7 +115,7 @@ class WorkerSlot:
         self,
         spec: SlotSpec,
         mv: memoryview,
-        sems: tuple[_posix.Semaphore, ...],
+        sems: tuple[posixobj.Semaphore, ...],
         owned: bool,
     ) -> None:
         self.spec = spec
@@ -127,8 +127,8 @@ class WorkerSlot:
     @classmethod
     def attach(cls, spec: SlotSpec) -> WorkerSlot:
         """Open an existing slot by name (the worker's side)."""
-        mm = _posix.open_shm(spec.shm)
-        opened: list[_posix.Semaphore] = []
+        mm = posixobj.open_shm(spec.shm)
+        opened: list[posixobj.Semaphore] = []
         try:
             if len(mm) < (spec.index + 1) * SLOT_WORDS * 8:
                 from mpvfio.errors import IPCError
@@ -141,10 +141,10 @@ class WorkerSlot:
                 spec.alldone,
                 spec.crossed,
             ):
-                opened.append(_posix.open_semaphore(name))
+                opened.append(posixobj.open_semaphore(name))
         except BaseException:
             for sem in opened:
-                _posix.close_semaphore(sem)
+                posixobj.close_semaphore(sem)
             mm.close()
             raise
         start = spec.index * SLOT_WORDS
@@ -158,7 +158,7 @@ class WorkerSlot:
         if self._owned or self._mm is None:
             return
         for sem in (self.go, self.done, self.outstanding, self.alldone, self.crossed):
-            _posix.close_semaphore(sem)
+            posixobj.close_semaphore(sem)
         self.mv.release()
         self._mm.close()
         self._mm = None
@@ -170,9 +170,11 @@ class SlotTable:
     def __init__(self, registry: NameRegistry, n: int) -> None:
         self.registry = registry
         self._slots: list[WorkerSlot] = []
-        self._sems: list[_posix.Semaphore] = []
+        self._sems: list[posixobj.Semaphore] = []
         name = registry.name("slots")
-        self._mm: mmap.mmap | None = _posix.create_shm(name, max(1, n) * SLOT_WORDS * 8)
+        self._mm: mmap.mmap | None = posixobj.create_shm(
+            name, max(1, n) * SLOT_WORDS * 8
+        )
         registry.add(name, "shm")
         self._shm = name
         self._mv = memoryview(self._mm).cast("q")
@@ -199,9 +201,9 @@ class SlotTable:
             self.close()
             raise
 
-    def _sem(self, suffix: str) -> _posix.Semaphore:
+    def _sem(self, suffix: str) -> posixobj.Semaphore:
         name = self.registry.name(suffix)
-        sem = _posix.create_semaphore(name, 0)
+        sem = posixobj.create_semaphore(name, 0)
         self.registry.add(name, "sem")
         self._sems.append(sem)
         return sem
@@ -210,7 +212,7 @@ class SlotTable:
         """Forget the previous notification's counts (no transition runs)."""
         for sem in (self.outstanding, self.alldone, self.crossed):
             if sem.value:  # (a failing sem_trywait costs an exception)
-                _posix.drain(sem)
+                posixobj.drain(sem)
 
     def __getitem__(self, i: int) -> WorkerSlot:
         return self._slots[i]
@@ -221,7 +223,7 @@ class SlotTable:
     def close(self) -> None:
         """Drop the parent's handles and mapping (names: the registry's)."""
         for sem in self._sems:
-            _posix.close_semaphore(sem)
+            posixobj.close_semaphore(sem)
         self._sems.clear()
         for slot in self._slots:
             slot.mv.release()

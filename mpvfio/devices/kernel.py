@@ -52,7 +52,6 @@ import errno as _errno
 import fcntl
 import functools
 import os
-import struct
 import time
 from collections.abc import Callable
 from typing import Concatenate, ParamSpec, TypeVar
@@ -60,20 +59,20 @@ from typing import Concatenate, ParamSpec, TypeVar
 from mpvfio.devices.base import ArcRecord
 from mpvfio.errors import DeviceError, MpvfioError, TransitionError, errno_name
 from mpvfio.uapi.vfio import (
-    _IO,
+    BIND_IOMMUFD,
     DMA_LOGGING_CONTROL,
     FEATURE_HDR,
     FEATURE_MIG_DATA_SIZE,
     FEATURE_MIGRATION,
+    IOMMU_DEV,
     PRECOPY_INFO,
-    VFIO_BASE,
+    VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_FEATURE_GET,
     VFIO_DEVICE_FEATURE_PROBE,
     VFIO_DEVICE_FEATURE_SET,
     VFIO_DEVICE_RESET,
     VFIO_MIG_GET_PRECOPY_INFO,
-    VFIO_TYPE,
     Feature,
     MigFlag,
     MigState,
@@ -92,12 +91,6 @@ __all__ = [
     "wrap_errno",
 ]
 
-#: VFIO_DEVICE_BIND_IOMMUFD: cdev device fd; struct vfio_device_bind_iommufd.
-VFIO_DEVICE_BIND_IOMMUFD = _IO(VFIO_TYPE, VFIO_BASE + 18)  # 0x3B76
-#: struct vfio_device_bind_iommufd without the (flagged) token pointer:
-#: u32 argsz, u32 flags, s32 iommufd, u32 out_devid.
-BIND_IOMMUFD = struct.Struct("<IIiI")
-IOMMU_DEV = "/dev/iommu"
 _S = MigState
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

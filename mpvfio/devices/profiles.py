@@ -13,7 +13,7 @@ Built-in profiles:
              the benchmarks' reference device (its ideal downtime is known).
 ``cx7``      a ConnectX-7 VF, calibrated to the seed thread's downtime table
              (../shared/seeds/000; the model and its fit are in
-             :mod:`mpvfio.seedtable`).  See below.
+             :mod:`mpvfio.jobs.seedtable`).  See below.
 
 The ``cx7`` model.  The seed's downtimes fit ``F + N x (T + D)`` with serial
 transitions and ``F + T + N x D`` with parallel ones (F = 200 ms fixed,
@@ -267,7 +267,7 @@ def _check_arc_key(profile: str, key: str) -> None:
         )
 
 
-# The cx7 model: see the module docstring and mpvfio.seedtable.
+# The cx7 model: see the module docstring and mpvfio.jobs.seedtable.
 _CX7_ARCS = {
     "RUNNING>PRE_COPY": 20.0,
     "PRE_COPY>PRE_COPY_P2P": 15.0,

@@ -5,7 +5,7 @@ This is the one place that maps a spec to a backend:
 =====================================  ===========================================
 ``emulated:PROFILE``                   :class:`~mpvfio.devices.emulated.EmulatedDevice`
                                        (a built-in profile name or a .json path)
-``vfio-user:SOCKET_PATH``              :class:`~mpvfio.devices.vfio_user.VFIOUserDevice`
+``vfio-user:SOCKET_PATH``              :mod:`~mpvfio.devices.vfio_user` client
 ``vfio:/dev/vfio/devices/vfioN``       :class:`~mpvfio.devices.kernel.KernelVFIODevice`
 =====================================  ===========================================
 
@@ -80,7 +80,7 @@ def open_backend(spec: str, **kw: Any) -> DeviceBackend:
         name = kw.pop("name", None) or f"emulated-{profile.name}"
         return EmulatedDevice(name, profile, **kw)
     if scheme == "vfio-user":
-        from mpvfio.devices.vfio_user import VFIOUserDevice
+        from mpvfio.devices.vfio_user.client import VFIOUserDevice
 
         return VFIOUserDevice(rest, **kw)
     from mpvfio.devices.kernel import KernelVFIODevice

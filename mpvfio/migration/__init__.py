@@ -1,97 +1,10 @@
-"""The migration stream codec (layer 4, pure: no sockets, no processes).
+"""Live migration of a machine's devices (layer 4).
 
-* :mod:`mpvfio.migration.stream`: the main channel: mpvfio's stream header
-  and hello, QEMU's savevm section framing and VFIO tags (QEMU.md R11),
-  :class:`StreamWriter` (source) and :class:`StreamReader` (target).
-* :mod:`mpvfio.migration.multifd`: multifd device-state packets (R10.2,
-  R10.3), the channel preamble and the target-side :class:`Reassembler`
-  (R10.5, R10.6).
+* :mod:`mpvfio.migration.engine`: the source (:func:`migrate`) and the target
+  (:func:`incoming`), their parameters, records and rollback.
+* :mod:`mpvfio.migration.local`: a source and a target machine on one host,
+  for ``mpvfio migrate --local`` and the comparisons.
 
-These modules import only the standard library and :mod:`mpvfio.errors`.
+The bytes they exchange are laid out by :mod:`mpvfio.wire`; the sockets that
+carry them are :mod:`mpvfio.net`.
 """
-
-from mpvfio.migration.multifd import (
-    ChannelPreamble,
-    MultifdCancelled,
-    MultifdError,
-    MultifdTimeout,
-    Packet,
-    Reassembler,
-    ReassemblyTable,
-    Wrapper,
-    encode_packet,
-    pack_packet_header,
-    pack_wrapper,
-    parse_packet,
-    read_frame,
-    unpack_wrapper,
-    write_frame,
-)
-from mpvfio.migration.stream import (
-    Config,
-    ConfigLoadReady,
-    DataChunk,
-    Eof,
-    FullEnd,
-    Header,
-    Hello,
-    InitDataSent,
-    PartEnd,
-    Record,
-    SectionEnd,
-    SectionStart,
-    SectionType,
-    StreamError,
-    StreamReader,
-    StreamWriter,
-    SwitchoverStart,
-    VfioTag,
-    decode_config_state,
-    device_label,
-    device_of_idstr,
-    encode_config_state,
-    new_session,
-    vfio_idstr,
-)
-
-__all__ = [
-    "ChannelPreamble",
-    "Config",
-    "ConfigLoadReady",
-    "DataChunk",
-    "Eof",
-    "FullEnd",
-    "Header",
-    "Hello",
-    "InitDataSent",
-    "MultifdCancelled",
-    "MultifdError",
-    "MultifdTimeout",
-    "Packet",
-    "PartEnd",
-    "Reassembler",
-    "ReassemblyTable",
-    "Record",
-    "SectionEnd",
-    "SectionStart",
-    "SectionType",
-    "StreamError",
-    "StreamReader",
-    "StreamWriter",
-    "SwitchoverStart",
-    "VfioTag",
-    "Wrapper",
-    "decode_config_state",
-    "device_label",
-    "device_of_idstr",
-    "encode_config_state",
-    "encode_packet",
-    "new_session",
-    "pack_packet_header",
-    "pack_wrapper",
-    "parse_packet",
-    "read_frame",
-    "unpack_wrapper",
-    "vfio_idstr",
-    "write_frame",
-]

@@ -80,29 +80,9 @@ from mpvfio.errors import (
     StateError,
     UsageError,
 )
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.machine import Machine, Mode, NotifyReport, VFIODevice
-from mpvfio.migration.multifd import (
-    PACKET_HEADER,
-    MultifdError,
-    ReassemblyTable,
-    read_frame,
-)
-from mpvfio.migration.stream import (
-    Config,
-    ConfigLoadReady,
-    DataChunk,
-    Eof,
-    Hello,
-    StreamError,
-    StreamReader,
-    StreamWriter,
-    SwitchoverStart,
-    decode_config_state,
-    encode_config_state,
-    vfio_idstr,
-)
-from mpvfio.migration.transport import (
+from mpvfio.net.transport import (
     Cancel,
     Channels,
     Listener,
@@ -117,6 +97,26 @@ from mpvfio.migration.transport import (
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import DATA_BUFFER_SIZE
 from mpvfio.vmstate import RunState, runstate_is_live
+from mpvfio.wire.multifd import (
+    PACKET_HEADER,
+    MultifdError,
+    ReassemblyTable,
+    read_frame,
+)
+from mpvfio.wire.stream import (
+    Config,
+    ConfigLoadReady,
+    DataChunk,
+    Eof,
+    Hello,
+    StreamError,
+    StreamReader,
+    StreamWriter,
+    SwitchoverStart,
+    decode_config_state,
+    encode_config_state,
+    vfio_idstr,
+)
 from mpvfio.workers.migration import send_device_state
 
 __all__ = [
@@ -963,7 +963,7 @@ def _send_multifd(
     reg = machine.registry
     workers = machine.mode == Mode.WORKERS
     # WORKERS: one named semaphore per channel, which the workers open by name
-    created: list[tuple[str, _posix.Semaphore]] = []
+    created: list[tuple[str, posixobj.Semaphore]] = []
     threads: list[threading.Thread] = []
 
     def run(i: int, d: VFIODevice) -> None:
@@ -1003,7 +1003,7 @@ def _send_multifd(
             assert reg is not None
             for i in range(n):
                 name = reg.name(f"mfd{i}-{time.monotonic_ns() & 0xFFFFFF:x}")
-                created.append((name, _posix.create_semaphore(name, 1)))
+                created.append((name, posixobj.create_semaphore(name, 1)))
                 reg.add(name, "sem")
         for i, d in enumerate(devs):
             t = threading.Thread(target=run, args=(i, d), name=f"mfd-send-{d.name}")
@@ -1024,7 +1024,7 @@ def _send_multifd(
             t.join(max(0.0, deadline - time.monotonic()))
         # the workers opened the semaphores by name: they keep their own
         for lock_name, sem in created:
-            _posix.close_semaphore(sem)
+            posixobj.close_semaphore(sem)
             assert reg is not None
             reg.unlink(lock_name)
     if any(t.is_alive() for t in threads):

@@ -41,7 +41,7 @@ from mpvfio.migration.engine import (
     incoming,
     migrate,
 )
-from mpvfio.migration.transport import Cancel, listen
+from mpvfio.net.transport import Cancel, listen
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState

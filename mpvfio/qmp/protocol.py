@@ -6,7 +6,7 @@ What a conforming server must do for real clients (``qemu.qmp``,
 * **Sockets.** :func:`qmp_listen` binds ``unix:PATH`` (mode 0600; refuses to
   start over a *live* socket, found by a probe connect, and removes a stale
   one) or ``tcp:HOST:PORT`` (IPv6 in brackets).  It reuses
-  :func:`mpvfio.migration.transport.listen`, which implements exactly these
+  :func:`mpvfio.net.transport.listen`, which implements exactly these
   rules for migration sockets.  Every connection is its own session.
 * **Greeting** at once: ``{"QMP": {"version": V, "capabilities": []}}`` with
   a full ``qemu`` major/minor/micro triple.  ``oob`` is not offered (it is
@@ -57,7 +57,7 @@ from typing import Any
 
 from mpvfio.errors import MpvfioError, UsageError
 from mpvfio.ipc.inherit import parent_only
-from mpvfio.migration.transport import Listener, TransportError, listen, parse_uri
+from mpvfio.net.transport import Listener, TransportError, listen, parse_uri
 from mpvfio.qmp.message import MAX_MESSAGE_SIZE, JSONStreamParser, Malformed, encode
 
 __all__ = [

@@ -34,7 +34,7 @@ from mpvfio.argtypes import positive_float as _positive_float
 from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.argtypes import run_main
 from mpvfio.errors import UsageError
-from mpvfio.migration.transport import Listener, listen, parse_uri
+from mpvfio.net.transport import Listener, listen, parse_uri
 
 if TYPE_CHECKING:
     from mpvfio.qmp.server import MachineService
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mpvfio run ARGV``; return the exit status (like ``mpvfio.cli``)."""
+    """Run ``mpvfio run ARGV``; return the exit status (like ``mpvfio.cli.main``)."""
     return run_main(build_parser(), argv, run)
 
 

@@ -98,7 +98,7 @@ from mpvfio.migration.engine import (
     incoming,
     migrate,
 )
-from mpvfio.migration.transport import Cancel, Listener, listen, parse_uri
+from mpvfio.net.transport import Cancel, Listener, listen, parse_uri
 from mpvfio.qmp.protocol import (
     Arg,
     Command,

@@ -18,6 +18,7 @@ import enum
 import struct
 
 __all__ = [
+    "BIND_IOMMUFD",
     "DMA_LOGGING_CONTROL",
     "DMA_LOGGING_RANGE",
     "DMA_LOGGING_REPORT",
@@ -25,6 +26,7 @@ __all__ = [
     "FEATURE_MIGRATION",
     "FEATURE_MIG_DATA_SIZE",
     "FEATURE_MIG_STATE",
+    "IOMMU_DEV",
     "LEGAL_FLAG_SETS",
     "PRECOPY_INFO",
     "PRECOPY_STATES",
@@ -33,6 +35,7 @@ __all__ = [
     "SESSION_OPENING_ARCS",
     "STATE_NEEDS",
     "VFIO_BASE",
+    "VFIO_DEVICE_BIND_IOMMUFD",
     "VFIO_DEVICE_FEATURE",
     "VFIO_DEVICE_FEATURE_GET",
     "VFIO_DEVICE_FEATURE_MASK",
@@ -179,6 +182,12 @@ VFIO_DEVICE_RESET = _IO(VFIO_TYPE, VFIO_BASE + 11)  # 0x3B6F
 VFIO_DEVICE_FEATURE = _IO(VFIO_TYPE, VFIO_BASE + 17)  # 0x3B75
 #: The saving data_fd (not the device fd); argument: struct vfio_precopy_info.
 VFIO_MIG_GET_PRECOPY_INFO = _IO(VFIO_TYPE, VFIO_BASE + 21)  # 0x3B79
+#: VFIO_DEVICE_BIND_IOMMUFD: cdev device fd; struct vfio_device_bind_iommufd.
+VFIO_DEVICE_BIND_IOMMUFD = _IO(VFIO_TYPE, VFIO_BASE + 18)  # 0x3B76
+#: struct vfio_device_bind_iommufd without the (flagged) token pointer:
+#: u32 argsz, u32 flags, s32 iommufd, u32 out_devid.
+BIND_IOMMUFD = struct.Struct("<IIiI")
+IOMMU_DEV = "/dev/iommu"
 
 # --- VFIO_DEVICE_FEATURE flags word ---
 

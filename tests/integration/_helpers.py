@@ -15,7 +15,7 @@ from typing import Any
 
 from mpvfio.devices.profiles import Profile
 from mpvfio.machine import Machine, VFIODevice
-from mpvfio.migration.transport import Cancel
+from mpvfio.net.transport import Cancel
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState

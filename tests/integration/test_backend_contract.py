@@ -40,8 +40,8 @@ from mpvfio.devices.emulated import EmulatedDevice
 from mpvfio.devices.kernel import KernelVFIODevice
 from mpvfio.devices.profiles import Profile, get_profile, profile_from_dict
 from mpvfio.devices.registry import SCHEMES, open_backend, parse_spec
-from mpvfio.devices.vfio_user import VFIOUserDevice
-from mpvfio.devices.vfio_user_server import DeviceServer
+from mpvfio.devices.vfio_user.client import VFIOUserDevice
+from mpvfio.devices.vfio_user.server import DeviceServer
 from mpvfio.errors import DeviceError, MpvfioError, TransitionError, UsageError
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import LEGAL_FLAG_SETS, MigFlag, MigState
@@ -450,7 +450,7 @@ def test_registry_kernel_spec_reaches_the_kernel_backend() -> None:
 
 
 class ChildServer:
-    """``python -m mpvfio.devices.vfio_user_server`` in a child process."""
+    """``python -m mpvfio.devices.vfio_user.server`` in a child process."""
 
     def __init__(self, sockdir: str, profile: dict[str, Any], vfs: int = 1) -> None:
         prof = os.path.join(sockdir, "profile.json")
@@ -459,7 +459,7 @@ class ChildServer:
         self.prefix = os.path.join(sockdir, "vf")
         self.paths = [f"{self.prefix}{i}.sock" for i in range(vfs)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpvfio.devices.vfio_user_server",
+            [sys.executable, "-m", "mpvfio.devices.vfio_user.server",
              "--pf", self.prefix, "--vfs", str(vfs), "--profile", prof],
             stdout=subprocess.PIPE,
             bufsize=0,

@@ -13,7 +13,8 @@ import math
 
 import pytest
 
-from mpvfio.bench import (
+from mpvfio.errors import UsageError
+from mpvfio.jobs.bench import (
     ALL_MODES,
     BenchResult,
     ConfigResult,
@@ -25,7 +26,6 @@ from mpvfio.bench import (
     main,
     run_bench_cli,
 )
-from mpvfio.errors import UsageError
 
 RESULT_KEYS = {
     "mode",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mpvfio.arcreport import JSON_KEY
+from mpvfio.report.arcreport import JSON_KEY
 
 
 def _mpvfio(*args: str) -> subprocess.CompletedProcess[str]:

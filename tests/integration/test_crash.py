@@ -25,8 +25,8 @@ import pytest
 from mpvfio.errors import MpvfioError, WorkerCrashed, WorkerTimeout
 from mpvfio.events import Event
 from mpvfio.ipc.names import SHM_DIR, sweep_stale
+from mpvfio.jobs.switchover import event_order_violations, run_switchover
 from mpvfio.machine import Machine
-from mpvfio.switchover import event_order_violations, run_switchover
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState

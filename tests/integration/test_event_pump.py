@@ -18,8 +18,8 @@ import pytest
 
 from mpvfio.devices.profiles import get_profile, profile_from_dict
 from mpvfio.events import Event
+from mpvfio.jobs.switchover import event_order_violations
 from mpvfio.machine import Machine
-from mpvfio.switchover import event_order_violations
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState

@@ -19,9 +19,9 @@ from _helpers import EVENTS, MachineFactory, machine_factory, real_states
 from mpvfio.devices.profiles import Fault, Profile
 from mpvfio.errors import MigrationBlockedError, TransitionError
 from mpvfio.events import Event
+from mpvfio.jobs.switchover import event_order_violations, run_switchover
 from mpvfio.machine import Machine, NotifyReport
 from mpvfio.qdev import Bus, Device
-from mpvfio.switchover import event_order_violations, run_switchover
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vfiomig import MigrationProps
 from mpvfio.vmstate import RunState

@@ -51,7 +51,7 @@ from mpvfio.migration.engine import (
     MigrationParams,
 )
 from mpvfio.migration.local import PairResult, migrate_pair, run_local
-from mpvfio.migration.transport import Cancel, listen
+from mpvfio.net.transport import Cancel, listen
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vmstate import RunState
 

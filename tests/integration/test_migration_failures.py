@@ -41,7 +41,7 @@ from mpvfio.machine import Machine
 from mpvfio.migration import engine
 from mpvfio.migration.engine import STAGES, MigrationError, MigrationParams
 from mpvfio.migration.local import PairResult, migrate_pair, run_local
-from mpvfio.migration.transport import (
+from mpvfio.net.transport import (
     Cancel,
     Channels,
     accept_channels,

@@ -36,7 +36,10 @@ from mpvfio.machine import Machine
 from mpvfio.migration import engine
 from mpvfio.migration.engine import IncomingInfo, MigrationError, MigrationParams
 from mpvfio.migration.local import migrate_pair
-from mpvfio.migration.multifd import (
+from mpvfio.net.transport import TransportError, open_channels, sendall_deadline
+from mpvfio.uapi.vfio import MigState
+from mpvfio.vmstate import RunState
+from mpvfio.wire.multifd import (
     INVALID_IDX,
     PACKET_HEADER,
     WRAPPER,
@@ -44,7 +47,7 @@ from mpvfio.migration.multifd import (
     pack_wrapper,
     read_frame,
 )
-from mpvfio.migration.stream import (
+from mpvfio.wire.stream import (
     Config,
     ConfigLoadReady,
     Eof,
@@ -58,9 +61,6 @@ from mpvfio.migration.stream import (
     SwitchoverStart,
     VfioTag,
 )
-from mpvfio.migration.transport import TransportError, open_channels, sendall_deadline
-from mpvfio.uapi.vfio import MigState
-from mpvfio.vmstate import RunState
 
 #: Small, latency free, nothing dirtied: a recorded stream is ~40 KiB.
 FUZZ = Profile(name="fuzz", state_size=16 * 1024, precopy_initial=4096, precopy_dirty=0)
@@ -248,7 +248,7 @@ def replay(
                 dst.add_vfio_device(name, FUZZ)
             dst.start(run=False, runstate=RunState.INMIGRATE)
             result: dict[str, Any] = {}
-            from mpvfio.migration.transport import listen
+            from mpvfio.net.transport import listen
 
             lst = listen(f"unix:{tmp}/fuzz.sock")
 

@@ -156,7 +156,7 @@ def netns_pair() -> Iterator[NetnsPair]:
 
 ECHO_SERVER = """
     import sys, time
-    from mpvfio.migration.transport import (
+    from mpvfio.net.transport import (
         accept_channels, listen, recv_exact, sendall_deadline)
 
     with listen(sys.argv[1]) as lst:
@@ -171,7 +171,7 @@ ECHO_SERVER = """
 
 ECHO_CLIENT = """
     import os, sys, time
-    from mpvfio.migration.transport import (
+    from mpvfio.net.transport import (
         new_session, open_channels, recv_exact, sendall_deadline)
 
     with open_channels(sys.argv[1], int(sys.argv[2]), new_session(), 10) as chans:
@@ -238,7 +238,7 @@ def test_tcp_echo_between_namespaces(netns_pair: NetnsPair) -> None:
 
 MPVFIO_CLI = """
     import sys
-    from mpvfio.cli import main
+    from mpvfio.cli.main import main
 
     raise SystemExit(main(sys.argv[1:]))
 """

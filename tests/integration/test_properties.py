@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from mpvfio.devices.profiles import Fault, Profile
 from mpvfio.events import Event
+from mpvfio.jobs.switchover import event_order_violations
 from mpvfio.machine import Machine
-from mpvfio.switchover import event_order_violations
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import MigFlag, MigState
 from mpvfio.vfiomig import MigrationProps

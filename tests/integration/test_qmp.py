@@ -53,7 +53,7 @@ T = TypeVar("T")
 
 def _run_argv() -> list[str]:
     """``python -m mpvfio run`` once the cli registers it, else run.main."""
-    from mpvfio import cli
+    from mpvfio.cli import main as cli
 
     for action in cli.build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction) and "run" in action.choices:

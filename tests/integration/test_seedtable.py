@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from mpvfio import seedtable
-from mpvfio.cli import main
+from mpvfio.cli.main import main
 from mpvfio.devices.profiles import get_profile
 from mpvfio.errors import UsageError
+from mpvfio.jobs import seedtable
 
 
 def test_row_arithmetic_and_json() -> None:

@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from mpvfio.cli import main
+from mpvfio.cli.main import main
+from mpvfio.jobs.stress import run_stress
 from mpvfio.machine import Machine
-from mpvfio.stress import run_stress
 from mpvfio.vfiomig import MigrationProps
 
 
@@ -113,8 +113,8 @@ def test_migrate_rounds_with_faults_hold_the_invariants() -> None:
 def test_migrate_round_reports_a_healthy_device_with_other_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import mpvfio.stress as stress_mod
-    from mpvfio.switchover import run_switchover as real
+    import mpvfio.jobs.stress as stress_mod
+    from mpvfio.jobs.switchover import run_switchover as real
 
     def corrupting(machine: Machine) -> object:
         res = real(machine)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from mpvfio.bench import bench_switchover
-from mpvfio.devices.vfio_user import VFIOUserDevice
-from mpvfio.devices.vfio_user_server import ServerProcess
+from mpvfio.devices.vfio_user.client import VFIOUserDevice
+from mpvfio.devices.vfio_user.server import ServerProcess
 from mpvfio.errors import DeviceError, UsageError
+from mpvfio.jobs.bench import bench_switchover
 from mpvfio.machine import Machine
 from mpvfio.migration.engine import MigrationParams
 from mpvfio.migration.local import run_local

@@ -1,4 +1,4 @@
-"""Tests of mpvfio.arcreport on hand-built arc records (no devices run)."""
+"""Tests of mpvfio.report.arcreport on hand-built arc records (no devices run)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from unittest import mock
 
 import pytest
 
-from mpvfio import arcreport
-from mpvfio.arcreport import BUCKET_EDGES_MS
 from mpvfio.devices.base import ArcRecord
 from mpvfio.errors import UsageError
+from mpvfio.report import arcreport
+from mpvfio.report.arcreport import BUCKET_EDGES_MS
 from mpvfio.uapi.vfio import MigState
 
 S = MigState

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mpvfio.cli import build_parser, main
+from mpvfio.cli.main import build_parser, main
 
 FLAG_SETS = {
     "STOP_COPY": 0x1,

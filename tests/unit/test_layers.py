@@ -56,13 +56,14 @@ def test_lazy_and_relative_imports_count(tmp_path: Path) -> None:
             "mpvfio/__init__.py": "",
             "mpvfio/devices/__init__.py": "",
             "mpvfio/devices/emulated.py": (
-                "def f():\n    from ..switchover import run_switchover\n"
+                "def f():\n    from ..jobs.switchover import run_switchover\n"
             ),
-            "mpvfio/switchover.py": "",
+            "mpvfio/jobs/__init__.py": "",
+            "mpvfio/jobs/switchover.py": "",
         },
     )
     problems = _checker().check(root)
-    assert len(problems) == 1 and "mpvfio.switchover" in problems[0]
+    assert len(problems) == 1 and "mpvfio.jobs.switchover" in problems[0]
 
 
 def test_unassigned_module_and_toplevel_workers_import(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests for mpvfio.migration.multifd: packets, channel preamble, reassembly."""
+"""Tests for mpvfio.wire.multifd: packets, channel preamble, reassembly."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mpvfio.errors import MpvfioError, UsageError
-from mpvfio.migration import multifd as M
-from mpvfio.migration.multifd import (
+from mpvfio.wire import multifd as M
+from mpvfio.wire.multifd import (
     ChannelPreamble,
     MultifdCancelled,
     MultifdError,
@@ -31,7 +31,7 @@ from mpvfio.migration.multifd import (
     unpack_wrapper,
     write_frame,
 )
-from mpvfio.migration.stream import decode_config_state, encode_config_state
+from mpvfio.wire.stream import decode_config_state, encode_config_state
 
 SESSION = "00112233445566778899aabbccddeeff"
 

@@ -67,7 +67,7 @@ def test_fixed50_every_arc_takes_50ms() -> None:
 
 
 def test_cx7_is_the_calibrated_seed_model() -> None:
-    """The numbers mpvfio.seedtable's docstring derives from the seed's table."""
+    """The numbers mpvfio.jobs.seedtable's docstring derives from the seed's table."""
     prof = get_profile("cx7")
     assert prof.flags == ALL_FLAGS
     assert prof.pf_concurrency == 4  # the least limit the seed's 4-VF row allows

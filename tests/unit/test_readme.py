@@ -29,7 +29,7 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 
 def test_main_job_parses() -> None:
-    from mpvfio.cli import build_parser
+    from mpvfio.cli.main import build_parser
 
     argv = _commands()[0].split(" && ")[1].split()[1:]
     args = build_parser().parse_args(argv)

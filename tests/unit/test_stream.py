@@ -1,4 +1,4 @@
-"""Tests for mpvfio.migration.stream: round trips, strict parsing, limits."""
+"""Tests for mpvfio.wire.stream: round trips, strict parsing, limits."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mpvfio.errors import MpvfioError, UsageError
-from mpvfio.migration import stream as S
-from mpvfio.migration.stream import (
+from mpvfio.wire import stream as S
+from mpvfio.wire.stream import (
     Config,
     ConfigLoadReady,
     DataChunk,

@@ -1,4 +1,4 @@
-"""mpvfio.migration.transport: URIs, listeners, connects, channel sessions."""
+"""mpvfio.net.transport: URIs, listeners, connects, channel sessions."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from mpvfio.errors import MpvfioError, UsageError
-from mpvfio.migration.transport import (
+from mpvfio.net.transport import (
     CHANNEL_MAGIC,
     PREAMBLE_SIZE,
     Cancel,

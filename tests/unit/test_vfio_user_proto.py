@@ -20,8 +20,8 @@ import pytest
 
 from mpvfio.devices.emulated import EmulatedDevice
 from mpvfio.devices.profiles import get_profile
-from mpvfio.devices.vfio_user import VFIOUserDevice
-from mpvfio.devices.vfio_user_server import DeviceServer, serve_device
+from mpvfio.devices.vfio_user.client import VFIOUserDevice
+from mpvfio.devices.vfio_user.server import DeviceServer, serve_device
 from mpvfio.errors import DeviceError, TransitionError
 from mpvfio.uapi import vfio_user as vu
 from mpvfio.uapi.vfio import FEATURE_HDR, Feature, MigFlag, MigState

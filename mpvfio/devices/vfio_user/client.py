@@ -62,7 +62,7 @@ afterwards): it GETs the state after the reset and walks to RUNNING if the
 server left it elsewhere, and falls back to SET RUNNING when RESET is
 refused in STOP/STOP_COPY.
 
-mpvfio's own server (:mod:`mpvfio.devices.vfio_user_server`) also answers a
+mpvfio's own server (:mod:`mpvfio.devices.vfio_user.server`) also answers a
 private checksum feature: :meth:`VFIOUserDevice.checksum` is the test hook
 that reads the server-side device's state digest.
 """

@@ -7,7 +7,7 @@ the transitions add to the downtime, for every mode side by side:
   per mode, kept alive across rounds (worker start-up is not measured) and
   closed at the end, also on an error or Ctrl-C;
 * before each round every device is put in PRE_COPY (``save_setup``) with
-  its pre-copy data drained, as :mod:`mpvfio.switchover` does, so the stop
+  its pre-copy data drained, as :mod:`mpvfio.jobs.switchover` does, so the stop
   takes the PRE_COPY -> PRE_COPY_P2P -> STOP_COPY arcs;
 * a round is ``vm_stop(finish-migrate)`` then ``vm_start()`` (STOP_COPY ->
   STOP -> RUNNING_P2P -> RUNNING: QEMU's restart after a failed migration),
@@ -403,7 +403,7 @@ def _run_config(
         machines: dict[str, Machine] = {}
         servers: dict[str, list[str]] = {}
         if transport == "vfio-user":
-            from mpvfio.devices.vfio_user_server import ServerProcess
+            from mpvfio.devices.vfio_user.server import ServerProcess
 
             if profile_spec is None:
                 raise UsageError(

@@ -38,8 +38,8 @@ from mpvfio.devices.base import ArcRecord
 from mpvfio.devices.profiles import Fault
 from mpvfio.errors import MpvfioError
 from mpvfio.events import Event
+from mpvfio.jobs.switchover import event_order_violations, run_switchover
 from mpvfio.machine import Machine, Mode
-from mpvfio.switchover import event_order_violations, run_switchover
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vmstate import RunState
 

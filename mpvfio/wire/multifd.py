@@ -3,7 +3,7 @@
 Pure codec plus a thread-safe reassembly buffer; no sockets, no processes.
 
 Wire layout of one multifd channel (every integer big-endian; a migration
-opens its channels with :func:`mpvfio.migration.transport.open_channels`,
+opens its channels with :func:`mpvfio.net.transport.open_channels`,
 whose own preamble replaces the one below, so :class:`ChannelPreamble` is
 only a standalone codec)::
 
@@ -20,7 +20,7 @@ only a standalone codec)::
                 data[next_packet_size - 12]                       (R10.2)
 
 The config packet (flags bit 0) is the last packet of its device; its data is
-:func:`mpvfio.migration.stream.encode_config_state` of the config (R10.4).
+:func:`mpvfio.wire.stream.encode_config_state` of the config (R10.4).
 
 Target side: one :class:`Reassembler` per device (``load_state_buffer`` of
 R10.5 is :meth:`Reassembler.add`, the load thread of R10.6 consumes with
@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mpvfio.errors import MpvfioError, UsageError
-from mpvfio.migration.stream import (
+from mpvfio.wire.stream import (
     SESSION_BYTES,
     BytesLike,
     Readable,

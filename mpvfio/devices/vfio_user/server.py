@@ -40,7 +40,7 @@ device server is), waits for its ``ready`` line and stops it on exit: what
 the benchmarks, the tests and the launch scripts use.
 
 Command line (``mpvfio device-server``, or
-``python -m mpvfio.devices.vfio_user_server``)::
+``python -m mpvfio.devices.vfio_user.server``)::
 
     --pf PATH_PREFIX --vfs N --profile P [--seed S]
 
@@ -73,7 +73,7 @@ from mpvfio.argtypes import run_main
 from mpvfio.devices.base import ThreadGate
 from mpvfio.devices.emulated import EmulatedDevice
 from mpvfio.devices.profiles import Profile, get_profile
-from mpvfio.devices.vfio_user import ConnectionClosed, MessageSocket, close_fds
+from mpvfio.devices.vfio_user.client import ConnectionClosed, MessageSocket, close_fds
 from mpvfio.errors import DeviceError, MpvfioError, TransitionError, UsageError
 from mpvfio.uapi import vfio_user as vu
 from mpvfio.uapi.vfio import (
@@ -631,7 +631,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "mpvfio.devices.vfio_user_server",
+            "mpvfio.devices.vfio_user.server",
             "--pf",
             prefix,
             "--vfs",

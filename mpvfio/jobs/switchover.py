@@ -26,11 +26,11 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mpvfio.arcreport import arcs_from_dicts
 from mpvfio.devices.base import ArcRecord
 from mpvfio.errors import DeviceError, MigrationBlockedError, MpvfioError
 from mpvfio.events import Event
 from mpvfio.machine import Machine, NotifyReport, VFIODevice
+from mpvfio.report.arcreport import arcs_from_dicts
 from mpvfio.uapi.vfio import MigState
 from mpvfio.vmstate import RunState
 

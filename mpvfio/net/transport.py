@@ -974,7 +974,7 @@ def open_channels(
     a not-yet-listening target is retried, see :func:`connect`).
 
     :param session: 16 bytes, or their 32 lowercase hex digits (the form
-        :func:`mpvfio.migration.stream.new_session` returns).
+        :func:`mpvfio.wire.stream.new_session` returns).
 
     :raises TransportError: after closing every channel already opened.
     """

@@ -85,7 +85,7 @@ from mpvfio.errors import (
     WorkerTimeout,
 )
 from mpvfio.events import Event, EventBus
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.ipc.barrier import ProcessBarrier
 from mpvfio.ipc.limits import check_limits
 from mpvfio.ipc.names import NameRegistry, sweep_stale
@@ -618,7 +618,7 @@ class Machine:
                 limits[d.pf] = min(limits.get(d.pf, 1 << 30), d.profile.pf_concurrency)
         for pf, limit in limits.items():
             name = self.registry.name(f"pf-{pf}")
-            self._gates[pf] = _posix.create_semaphore(name, limit)
+            self._gates[pf] = posixobj.create_semaphore(name, limit)
             self.registry.add(name, "sem")
         self.slots = SlotTable(self.registry, len(self.devices))
         if self.spread_workers:
@@ -901,7 +901,7 @@ class Machine:
                     if d.name not in rnd.failed and not self._arrived(d):
                         self._fail_in_round(d, rnd)
                 break
-            if _posix.acquire(slots.crossed, WATCH_SLICE_S):
+            if posixobj.acquire(slots.crossed, WATCH_SLICE_S):
                 continue
             dead = [
                 parties[id(h)]
@@ -1185,7 +1185,7 @@ class Machine:
                 d.backing.close()
                 d.backing = None
         for gate in self._gates.values():
-            _posix.close_semaphore(gate)
+            posixobj.close_semaphore(gate)
         self._gates.clear()
         if self.barrier is not None:
             self.barrier.close()

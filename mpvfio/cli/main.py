@@ -1,4 +1,4 @@
-"""The ``mpvfio`` command line (console script ``mpvfio = mpvfio.cli:main``).
+"""The ``mpvfio`` command line (console script ``mpvfio = mpvfio.cli.main:main``).
 
 This module owns argument parsing and the subcommand registry; errors map
 to exit status in :func:`mpvfio.argtypes.run_main`: 0 success, 1 the
@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from mpvfio import __version__, arcreport
+from mpvfio import __version__
 from mpvfio.argtypes import EXIT_FAILED, EXIT_OK, run_main
 from mpvfio.argtypes import positive_float as _positive_float
 from mpvfio.argtypes import positive_int as _positive_int
 from mpvfio.errors import UsageError
+from mpvfio.report import arcreport
 from mpvfio.uapi import fsm
 from mpvfio.uapi.vfio import MigState
 
@@ -127,8 +128,8 @@ def _cmd_stress(args: argparse.Namespace) -> int:
 
     from mpvfio.devices.profiles import get_profile
     from mpvfio.ipc.limits import check_limits
+    from mpvfio.jobs.stress import FAULT_KINDS, run_stress
     from mpvfio.machine import Machine
-    from mpvfio.stress import FAULT_KINDS, run_stress
     from mpvfio.vfiomig import MigrationProps
 
     if not 0.0 <= args.faults <= 1.0:
@@ -220,7 +221,7 @@ def _cmd_stress(args: argparse.Namespace) -> int:
 
 
 def _add_device_server(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
-    from mpvfio.devices import vfio_user_server
+    from mpvfio.devices.vfio_user import server as vfio_user_server
 
     p = subparsers.add_parser(
         "device-server",
@@ -237,7 +238,7 @@ def _add_device_server(subparsers: _Subparsers[argparse.ArgumentParser]) -> None
 
 
 def _cmd_seed_table(args: argparse.Namespace) -> int:
-    from mpvfio import seedtable
+    from mpvfio.jobs import seedtable
 
     try:
         vfs = tuple(int(v) for v in args.vfs.split(","))
@@ -522,7 +523,7 @@ def _cmd_incoming(args: argparse.Namespace) -> int:
 
 
 def _add_bench(subparsers: _Subparsers[argparse.ArgumentParser]) -> None:
-    from mpvfio.bench import add_bench_arguments, run_bench_cli
+    from mpvfio.jobs.bench import add_bench_arguments, run_bench_cli
 
     p = subparsers.add_parser(
         "bench",
@@ -711,8 +712,8 @@ def _progress(enabled: bool) -> Callable[[str], None]:
 
 def _cmd_switchover(args: argparse.Namespace) -> int:
     from mpvfio.devices.profiles import get_profile
+    from mpvfio.jobs.switchover import run_switchover
     from mpvfio.machine import Machine
-    from mpvfio.switchover import run_switchover
 
     profile = get_profile(args.profile)
     vfs = _vfs(args)
