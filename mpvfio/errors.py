@@ -16,6 +16,15 @@ Every error says whose fault it was::
           ├── WorkerError             a device worker process failed
           │    ├── WorkerCrashed      it died (exit code or signal named)
           │    └── WorkerTimeout      it did not answer within its deadline
+          ├── TransportError          a migration socket failed (URI, errno)
+          │    ├── TransportTimeout   ... because a deadline passed
+          │    ├── TransportCancelled ... because a Cancel token stopped it
+          │    └── PeerClosedError    ... because the peer closed early
+          ├── StreamError             the main-channel stream is malformed
+          ├── MultifdError            a multifd packet or channel is invalid
+          │    ├── MultifdCancelled   reassembly was cancelled
+          │    └── MultifdTimeout     no next packet before the deadline
+          ├── MigrationError          a migration failed (side and stage)
           └── InternalError           a bug in mpvfio: please report it
 
 All errors pickle (they cross the parent/worker boundary): each keeps the
@@ -26,6 +35,7 @@ A cause from another process arrives as ``__cause__ = RemoteTraceback(text)``.
 from __future__ import annotations
 
 import errno as _errno
+import os as _os
 import signal as _signal
 from typing import Any
 
@@ -36,11 +46,20 @@ __all__ = [
     "IPCError",
     "InternalError",
     "MigrationBlockedError",
+    "MigrationError",
     "MpvfioError",
+    "MultifdCancelled",
+    "MultifdError",
+    "MultifdTimeout",
+    "PeerClosedError",
     "ProfileError",
     "RemoteTraceback",
     "StateError",
+    "StreamError",
     "TransitionError",
+    "TransportCancelled",
+    "TransportError",
+    "TransportTimeout",
     "UsageError",
     "WorkerCrashed",
     "WorkerError",
@@ -206,3 +225,96 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+# ------------------------------------------- migration streams and sockets
+
+
+class TransportError(MpvfioError):
+    """A migration stream socket failed (listen, connect, send, receive).
+
+    :param message: what happened.
+    :param uri: the URI involved, or ``""``.
+    :param err: a positive errno, or 0 when none applies.
+    """
+
+    def __init__(self, message: str, uri: str = "", err: int = 0) -> None:
+        super().__init__(message, uri, err)
+        self.uri = uri
+        self.errno = err
+
+    def __str__(self) -> str:
+        msg = str(self.args[0])
+        parts = []
+        if self.uri:
+            parts.append(self.uri)
+        if self.errno:
+            parts.append(f"{errno_name(self.errno)}: {_os.strerror(self.errno)}")
+        return f"{msg} ({', '.join(parts)})" if parts else msg
+
+
+class TransportTimeout(TransportError):
+    """A deadline passed before the operation completed."""
+
+
+class TransportCancelled(TransportError):
+    """A :class:`Cancel` token stopped the operation."""
+
+
+class PeerClosedError(TransportError):
+    """The peer closed the connection before all expected bytes arrived."""
+
+
+class StreamError(MpvfioError):
+    """The main-channel stream is malformed, truncated or unreadable.
+
+    :param message: what was wrong, where (byte offset) and what was expected.
+    :param offset: the byte offset of the offending item, or -1.
+    """
+
+    def __init__(self, message: str, offset: int = -1) -> None:
+        super().__init__(message, offset)
+        self.offset = offset
+
+
+class MultifdError(MpvfioError):
+    """A multifd packet or channel is invalid, or reassembly failed.
+
+    :param message: what happened (it names the device and idx already).
+    :param device: the device name, or ``""``.
+    :param idx: the packet index concerned, or -1.
+    """
+
+    def __init__(self, message: str, device: str = "", idx: int = -1) -> None:
+        super().__init__(message, device, idx)
+        self.device = device
+        self.idx = idx
+
+
+class MultifdCancelled(MultifdError):
+    """The reassembly was cancelled ("operation cancelled")."""
+
+
+class MultifdTimeout(MultifdError):
+    """A consumer waited past its deadline for the next packet."""
+
+
+class MigrationError(MpvfioError):
+    """A migration failed; ``stage`` names where (source or target side).
+
+    :param message: what happened.
+    :param stage: ``setup``, ``precopy``, ``stop``, ``data``, ``config``,
+        ``complete`` on the source; ``accept``, ``load``, ``check``,
+        ``start`` on the target.
+    :param side: ``source`` or ``target``.
+    """
+
+    def __init__(self, message: str, stage: str = "", side: str = "source") -> None:
+        super().__init__(message, stage, side)
+        self.stage = stage
+        self.side = side
+        #: :func:`mpvfio.migration.local.run_local`: the forked target's report.
+        self.target_report: dict[str, Any] | None = None
+
+    def __str__(self) -> str:
+        return f"migration failed ({self.side}, stage {self.stage}): {self.args[0]}"

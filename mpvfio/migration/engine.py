@@ -76,6 +76,7 @@ from typing import Any
 from mpvfio.errors import (
     DeviceError,
     MigrationBlockedError,
+    MigrationError,
     MpvfioError,
     StateError,
     UsageError,
@@ -138,27 +139,6 @@ _MAX_ANSWER = 1 << 20
 #: or the config packet, plus the 12-byte header.
 _MAX_PACKET = DATA_BUFFER_SIZE + PACKET_HEADER.size
 STAGES = ("setup", "precopy", "stop", "data", "config", "complete")
-
-
-class MigrationError(MpvfioError):
-    """A migration failed; ``stage`` names where (source or target side).
-
-    :param message: what happened.
-    :param stage: ``setup``, ``precopy``, ``stop``, ``data``, ``config``,
-        ``complete`` on the source; ``accept``, ``load``, ``check``,
-        ``start`` on the target.
-    :param side: ``source`` or ``target``.
-    """
-
-    def __init__(self, message: str, stage: str = "", side: str = "source") -> None:
-        super().__init__(message, stage, side)
-        self.stage = stage
-        self.side = side
-        #: :func:`mpvfio.migration.local.run_local`: the forked target's report.
-        self.target_report: dict[str, Any] | None = None
-
-    def __str__(self) -> str:
-        return f"migration failed ({self.side}, stage {self.stage}): {self.args[0]}"
 
 
 def resolve_config_after_iter(value: str, arch: str) -> bool:

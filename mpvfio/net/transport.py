@@ -53,7 +53,15 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
-from mpvfio.errors import MpvfioError, UsageError, errno_name
+from mpvfio.errors import (  # noqa: F401 (re-exported)
+    MpvfioError,
+    PeerClosedError,
+    TransportCancelled,
+    TransportError,
+    TransportTimeout,
+    UsageError,
+    errno_name,
+)
 from mpvfio.ipc.inherit import parent_only
 
 __all__ = [
@@ -107,41 +115,6 @@ _RETRYABLE = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 
 
 # --------------------------------------------------------------------- errors
-
-
-class TransportError(MpvfioError):
-    """A migration stream socket failed (listen, connect, send, receive).
-
-    :param message: what happened.
-    :param uri: the URI involved, or ``""``.
-    :param err: a positive errno, or 0 when none applies.
-    """
-
-    def __init__(self, message: str, uri: str = "", err: int = 0) -> None:
-        super().__init__(message, uri, err)
-        self.uri = uri
-        self.errno = err
-
-    def __str__(self) -> str:
-        msg = str(self.args[0])
-        parts = []
-        if self.uri:
-            parts.append(self.uri)
-        if self.errno:
-            parts.append(f"{errno_name(self.errno)}: {os.strerror(self.errno)}")
-        return f"{msg} ({', '.join(parts)})" if parts else msg
-
-
-class TransportTimeout(TransportError):
-    """A deadline passed before the operation completed."""
-
-
-class TransportCancelled(TransportError):
-    """A :class:`Cancel` token stopped the operation."""
-
-
-class PeerClosedError(TransportError):
-    """The peer closed the connection before all expected bytes arrived."""
 
 
 # ---------------------------------------------------------------------- URIs

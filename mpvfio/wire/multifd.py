@@ -36,7 +36,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.errors import (  # noqa: F401 (re-exported)
+    MpvfioError,
+    MultifdCancelled,
+    MultifdError,
+    MultifdTimeout,
+    UsageError,
+)
 from mpvfio.wire.stream import (
     SESSION_BYTES,
     BytesLike,
@@ -103,28 +109,6 @@ PREAMBLE = struct.Struct(">8sIII16s")
 UINT64_MAX = (1 << 64) - 1
 DEFAULT_MAX_PACKET = (1 << 30) + PACKET_HEADER.size
 """Default limit of ``next_packet_size`` accepted by :func:`read_frame`."""
-
-
-class MultifdError(MpvfioError):
-    """A multifd packet or channel is invalid, or reassembly failed.
-
-    :param message: what happened (it names the device and idx already).
-    :param device: the device name, or ``""``.
-    :param idx: the packet index concerned, or -1.
-    """
-
-    def __init__(self, message: str, device: str = "", idx: int = -1) -> None:
-        super().__init__(message, device, idx)
-        self.device = device
-        self.idx = idx
-
-
-class MultifdCancelled(MultifdError):
-    """The reassembly was cancelled ("operation cancelled")."""
-
-
-class MultifdTimeout(MultifdError):
-    """A consumer waited past its deadline for the next packet."""
 
 
 # --------------------------------------------------------------------------

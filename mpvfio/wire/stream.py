@@ -70,7 +70,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from mpvfio.errors import MpvfioError, UsageError
+from mpvfio.errors import (
+    StreamError,
+    UsageError,
+)
 
 __all__ = [
     "DEFAULT_MAX_CHUNK",
@@ -155,18 +158,6 @@ _MAX_CHANNELS = 255
 
 BytesLike = bytes | bytearray | memoryview
 """A payload the writer accepts (written without an extra copy)."""
-
-
-class StreamError(MpvfioError):
-    """The main-channel stream is malformed, truncated or unreadable.
-
-    :param message: what was wrong, where (byte offset) and what was expected.
-    :param offset: the byte offset of the offending item, or -1.
-    """
-
-    def __init__(self, message: str, offset: int = -1) -> None:
-        super().__init__(message, offset)
-        self.offset = offset
 
 
 class Readable(Protocol):
