@@ -66,7 +66,6 @@ from mpvfio.workers import slots as sl
 from mpvfio.workers.slots import SlotSpec, WorkerSlot
 
 __all__ = [
-    "ARRIVED",
     "CALLS",
     "EXIT_BAD_COMMAND",
     "EXIT_ORPHANED",
@@ -80,9 +79,6 @@ __all__ = [
     "worker_main",
 ]
 
-#: Former event-channel marker of an arrival (arrivals are now the slot's
-#: ``ARRIVED`` word); an event of this name is never delivered.
-ARRIVED = "__mpvfio_arrived__"
 #: Run states by their index: how a transition command carries its run state.
 RUNSTATES: tuple[RunState, ...] = tuple(RunState)
 #: How long an idle worker blocks before it checks that its parent lives.
