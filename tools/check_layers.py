@@ -111,7 +111,7 @@ def imports_of(path: Path, module: str) -> list[tuple[int, str]]:
                 name = node.module or ""
             out.append((node.lineno, name))
             # "from mpvfio import machine" imports the submodule mpvfio.machine;
-            # "from mpvfio.ipc import _posix" names a private module or name
+            # "from mpvfio.ipc import _x" names a private module or name
             for alias in node.names:
                 sub = f"{name}.{alias.name}"
                 dunder = alias.name.startswith("__")

@@ -3,8 +3,9 @@
 This package owns everything that spans the parent and its forked device
 workers at the OS level: object names and their clean-up
 (:mod:`~mpvfio.ipc.names`), the phase barrier (:mod:`~mpvfio.ipc.barrier`),
-the pre-flight OS limits check (:mod:`~mpvfio.ipc.limits`) and, privately,
-the only import of ``posix_ipc`` (:mod:`~mpvfio.ipc._posix`).  It imports
+the pre-flight OS limits check (:mod:`~mpvfio.ipc.limits`) and the typed
+semaphores, locks and shared memory that wrap the only import of
+``posix_ipc`` (:mod:`~mpvfio.ipc.posixobj`).  It imports
 only the standard library, ``posix_ipc``, ``psutil`` and
 :mod:`mpvfio.errors`.
 
@@ -19,7 +20,6 @@ Data flow::
 
 from __future__ import annotations
 
-from mpvfio.ipc._posix import set_signal_hook
 from mpvfio.ipc.barrier import MAX_PARTIES, BarrierSpec, ProcessBarrier
 from mpvfio.ipc.limits import check_limits, limits_report
 from mpvfio.ipc.names import (
@@ -31,6 +31,7 @@ from mpvfio.ipc.names import (
     shm_entry,
     sweep_stale,
 )
+from mpvfio.ipc.posixobj import set_signal_hook
 
 __all__ = [
     "MAX_PARTIES",

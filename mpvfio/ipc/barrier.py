@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from mpvfio.errors import BarrierError, BarrierTimeout, IPCError, UsageError
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.ipc.names import Kind, NameRegistry, posix_name
 
 __all__ = ["MAX_PARTIES", "BarrierSpec", "ProcessBarrier"]
@@ -158,9 +158,9 @@ class ProcessBarrier:
         self,
         spec: BarrierSpec,
         mm: mmap.mmap,
-        mutex: _posix.Semaphore,
-        gates: tuple[_posix.Semaphore, _posix.Semaphore],
-        filled: _posix.Semaphore,
+        mutex: posixobj.Semaphore,
+        gates: tuple[posixobj.Semaphore, posixobj.Semaphore],
+        filled: posixobj.Semaphore,
         registry: NameRegistry | None,
     ) -> None:
         """Wrap opened objects; use :meth:`create` or :meth:`attach` instead."""
@@ -211,9 +211,9 @@ class ProcessBarrier:
             filled=posix_name(prefix, f"{tag}-filled"),
         )
         mm: mmap.mmap | None = None
-        sems: list[_posix.Semaphore] = []
+        sems: list[posixobj.Semaphore] = []
         try:
-            mm = _posix.create_shm(spec.shm, _NSLOTS * 8)
+            mm = posixobj.create_shm(spec.shm, _NSLOTS * 8)
             registry.add(spec.shm, "shm")
             mv = memoryview(mm).cast("q")
             try:
@@ -228,11 +228,11 @@ class ProcessBarrier:
                 (spec.gate1, 0),
                 (spec.filled, 0),
             ):
-                sems.append(_posix.create_semaphore(name, initial))
+                sems.append(posixobj.create_semaphore(name, initial))
                 registry.add(name, "sem")
         except BaseException:
             for sem in sems:
-                _posix.close_semaphore(sem)
+                posixobj.close_semaphore(sem)
             if mm is not None:
                 mm.close()
             for name, _kind in spec.objects():
@@ -249,8 +249,8 @@ class ProcessBarrier:
         :raises IPCError: an object is missing (unlinked too early?) or is
             not a barrier of this layout.
         """
-        opened: list[_posix.Semaphore] = []
-        mm = _posix.open_shm(spec.shm)
+        opened: list[posixobj.Semaphore] = []
+        mm = posixobj.open_shm(spec.shm)
         try:
             if len(mm) < _NSLOTS * 8:
                 raise IPCError(f"{spec.shm!r} is too small for a barrier")
@@ -262,10 +262,10 @@ class ProcessBarrier:
             if magic != _MAGIC_VALUE:
                 raise IPCError(f"{spec.shm!r} is not an mpvfio barrier")
             for name in (spec.mutex, spec.gate0, spec.gate1, spec.filled):
-                opened.append(_posix.open_semaphore(name))
+                opened.append(posixobj.open_semaphore(name))
         except BaseException:
             for sem in opened:
-                _posix.close_semaphore(sem)
+                posixobj.close_semaphore(sem)
             mm.close()
             raise
         mutex, gate0, gate1, filled = opened
@@ -376,13 +376,13 @@ class ProcessBarrier:
                 f"parties must be an int in 1..{self._max_parties}, got {parties!r}"
             )
         mv = self._mv
-        _posix.drain(self._mutex)  # take the lock, and any extra abort tokens
+        posixobj.drain(self._mutex)  # take the lock, and any extra abort tokens
         try:
             if mv[_BROKEN] or mv[_ARRIVED]:
                 mv[_GENERATION] = mv[_GENERATION] + 1
-            _posix.drain(self._gates[0])
-            _posix.drain(self._gates[1])
-            _posix.drain(self._filled)
+            posixobj.drain(self._gates[0])
+            posixobj.drain(self._gates[1])
+            posixobj.drain(self._filled)
             mv[_PARTIES] = parties
             mv[_ARRIVED] = 0
             mv[_BROKEN_BY] = 0
@@ -393,7 +393,7 @@ class ProcessBarrier:
             self._round_gen = int(mv[_GENERATION])
             self._filled_gen = -2
         finally:
-            _posix.release(self._mutex)
+            posixobj.release(self._mutex)
 
     def wait_filled(self, timeout: float) -> bool:
         """Block until every party of this round has arrived (owner only).
@@ -420,7 +420,7 @@ class ProcessBarrier:
                 return True
             if mv[_BROKEN]:
                 raise self._broken_error()
-            if not _posix.acquire(self._filled, deadline - time.monotonic()):
+            if not posixobj.acquire(self._filled, deadline - time.monotonic()):
                 if mv[_GENERATION] > self._round_gen:
                     self._filled_gen = self._round_gen
                     return True
@@ -453,10 +453,10 @@ class ProcessBarrier:
     def _release_all(self) -> None:
         """Wake everyone who may wait: both gates, the mutex chain, the owner."""
         n = min(max(int(self._mv[_PARTIES]), 1), self._max_parties)
-        _posix.release(self._gates[0], n)
-        _posix.release(self._gates[1], n)
-        _posix.release(self._mutex)
-        _posix.release(self._filled)
+        posixobj.release(self._gates[0], n)
+        posixobj.release(self._gates[1], n)
+        posixobj.release(self._mutex)
+        posixobj.release(self._filled)
 
     def leave(self, counted: Callable[[], bool], timeout: float) -> bool:
         """Owner: a party of this round is gone (killed); cross without it.
@@ -474,7 +474,7 @@ class ProcessBarrier:
         """
         self._check_open()
         self._check_owner("leave")
-        if not _posix.acquire(self._mutex, timeout):
+        if not posixobj.acquire(self._mutex, timeout):
             return False
         release = 0
         gate = self._gates[0]
@@ -493,10 +493,10 @@ class ProcessBarrier:
                 gate = self._gates[gen & 1]
                 release = arrived
         finally:
-            _posix.release(self._mutex)
+            posixobj.release(self._mutex)
         if release:
-            _posix.release(self._filled)
-            _posix.release(gate, release)
+            posixobj.release(self._filled)
+            posixobj.release(gate, release)
         return True
 
     # -- party -------------------------------------------------------------
@@ -522,7 +522,7 @@ class ProcessBarrier:
         mv = self._mv
         if mv[_BROKEN]:
             raise self._broken_error()
-        if not _posix.acquire(self._mutex, timeout):
+        if not posixobj.acquire(self._mutex, timeout):
             self._mark_broken(_REASON_LOCK_TIMEOUT)
             self._release_all()
             raise BarrierTimeout(
@@ -547,14 +547,14 @@ class ProcessBarrier:
             if mark is not None:
                 mark()
         finally:
-            _posix.release(self._mutex)  # also passes an abort token on
+            posixobj.release(self._mutex)  # also passes an abort token on
         gate = self._gates[gen & 1]
         if last:
-            _posix.release(self._filled)
-            _posix.release(gate, parties - 1)
+            posixobj.release(self._filled)
+            posixobj.release(gate, parties - 1)
             return idx
         try:
-            while _posix.acquire(gate, deadline - time.monotonic()):
+            while posixobj.acquire(gate, deadline - time.monotonic()):
                 if mv[_GENERATION] != gen:
                     return idx
                 if mv[_BROKEN]:
@@ -573,11 +573,11 @@ class ProcessBarrier:
         return self._timed_out(gen, idx, gate, timeout)
 
     def _timed_out(
-        self, gen: int, idx: int, gate: _posix.Semaphore, timeout: float
+        self, gen: int, idx: int, gate: posixobj.Semaphore, timeout: float
     ) -> int:
         """Settle a party's timeout: break the barrier, or return if it filled."""
         mv = self._mv
-        locked = _posix.acquire(self._mutex, _GRACE)
+        locked = posixobj.acquire(self._mutex, _GRACE)
         try:
             completed = mv[_GENERATION] != gen
             already_broken = bool(mv[_BROKEN])
@@ -585,10 +585,10 @@ class ProcessBarrier:
                 self._mark_broken(_REASON_TIMEOUT)
         finally:
             if locked:
-                _posix.release(self._mutex)
+                posixobj.release(self._mutex)
         if completed:
             # The last arriver came at the deadline: its token is on the way.
-            if _posix.acquire(gate, _GRACE):
+            if posixobj.acquire(gate, _GRACE):
                 return idx
             raise BarrierTimeout(
                 f"barrier {self._spec.shm!r}: crossing {gen} completed but its "
@@ -611,7 +611,7 @@ class ProcessBarrier:
             return
         self._closed = True
         for sem in (self._mutex, *self._gates, self._filled):
-            _posix.close_semaphore(sem)
+            posixobj.close_semaphore(sem)
         self._mv.release()
         if self._mm is not None:
             self._mm.close()

@@ -38,7 +38,7 @@ from typing import Literal
 import psutil
 
 from mpvfio.errors import IPCError, UsageError
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 
 __all__ = [
     "PREFIX_RE",
@@ -177,8 +177,8 @@ class NameRegistry:
     @staticmethod
     def _unlink(name: str, kind: Kind) -> bool:
         if kind == "sem":
-            return _posix.unlink_semaphore(name)
-        return _posix.unlink_shm(name)
+            return posixobj.unlink_semaphore(name)
+        return posixobj.unlink_shm(name)
 
     def unlink_all(self) -> list[str]:
         """Unlink every recorded name; return those that were still there.

@@ -53,8 +53,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
-from mpvfio.errors import (  # noqa: F401 (re-exported)
-    MpvfioError,
+from mpvfio.errors import (
     PeerClosedError,
     TransportCancelled,
     TransportError,

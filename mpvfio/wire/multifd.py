@@ -36,8 +36,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mpvfio.errors import (  # noqa: F401 (re-exported)
-    MpvfioError,
+from mpvfio.errors import (
     MultifdCancelled,
     MultifdError,
     MultifdTimeout,

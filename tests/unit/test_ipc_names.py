@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from mpvfio.errors import UsageError
-from mpvfio.ipc import _posix
+from mpvfio.ipc import posixobj
 from mpvfio.ipc.names import (
     PREFIX_RE,
     NameRegistry,
@@ -98,9 +98,9 @@ def test_registry_name_uses_prefix(registry: NameRegistry) -> None:
 def test_unlink_all_is_idempotent(registry: NameRegistry) -> None:
     sem_name = registry.name("s")
     shm_name = registry.name("m")
-    sem = _posix.create_semaphore(sem_name, 0)
+    sem = posixobj.create_semaphore(sem_name, 0)
     registry.add(sem_name, "sem")
-    mm = _posix.create_shm(shm_name, 64)
+    mm = posixobj.create_shm(shm_name, 64)
     registry.add(shm_name, "shm")
     try:
         assert _exists(sem_name, "sem")
@@ -114,23 +114,23 @@ def test_unlink_all_is_idempotent(registry: NameRegistry) -> None:
         assert registry.unlink_all() == []
         assert len(registry) == 0
     finally:
-        _posix.close_semaphore(sem)
+        posixobj.close_semaphore(sem)
         mm.close()
 
 
 def test_unlink_all_tolerates_names_already_gone(registry: NameRegistry) -> None:
     name = registry.name("gone")
-    sem = _posix.create_semaphore(name, 0)
+    sem = posixobj.create_semaphore(name, 0)
     registry.add(name, "sem")
-    _posix.close_semaphore(sem)
-    assert _posix.unlink_semaphore(name)
+    posixobj.close_semaphore(sem)
+    assert posixobj.unlink_semaphore(name)
     assert registry.unlink_all() == []
 
 
 def test_unlink_one(registry: NameRegistry) -> None:
     name = registry.name("one")
-    sem = _posix.create_semaphore(name, 0)
-    _posix.close_semaphore(sem)
+    sem = posixobj.create_semaphore(name, 0)
+    posixobj.close_semaphore(sem)
     registry.add(name, "sem")
     assert registry.unlink(name)
     assert name not in registry
@@ -158,7 +158,7 @@ def _child_unlinks(reg: NameRegistry, conn: Any) -> None:
 @pytest.mark.timeout(30)
 def test_forked_child_does_not_unlink_parent_names(registry: NameRegistry) -> None:
     name = registry.name("keep")
-    sem = _posix.create_semaphore(name, 0)
+    sem = posixobj.create_semaphore(name, 0)
     registry.add(name, "sem")
     rx, tx = CTX.Pipe(duplex=False)
     proc = CTX.Process(target=_child_unlinks, args=(registry, tx))
@@ -173,7 +173,7 @@ def test_forked_child_does_not_unlink_parent_names(registry: NameRegistry) -> No
             proc.kill()
         proc.join(5)
         rx.close()
-        _posix.close_semaphore(sem)
+        posixobj.close_semaphore(sem)
     assert proc.exitcode == 0
     assert removed == []
     assert added == "refused"
@@ -188,13 +188,13 @@ def test_atexit_unlinks_in_creator_only() -> None:
     script = textwrap.dedent(
         """
         import os, sys
-        from mpvfio.ipc import _posix
+        from mpvfio.ipc import posixobj
         from mpvfio.ipc.names import NameRegistry, shm_entry
         reg = NameRegistry()
         name = reg.name("atexit")
-        sem = _posix.create_semaphore(name, 0)
+        sem = posixobj.create_semaphore(name, 0)
         reg.add(name, "sem")
-        _posix.close_semaphore(sem)
+        posixobj.close_semaphore(sem)
         entry = "/dev/shm/" + shm_entry(name, "sem")
         pid = os.fork()
         if pid == 0:
@@ -225,9 +225,9 @@ def _make_objects(conn: Any) -> None:
     reg = NameRegistry()
     sem_name = reg.name("s")
     shm_name = reg.name("m")
-    sem = _posix.create_semaphore(sem_name, 0)
+    sem = posixobj.create_semaphore(sem_name, 0)
     reg.add(sem_name, "sem")
-    mm = _posix.create_shm(shm_name, 128)
+    mm = posixobj.create_shm(shm_name, 128)
     reg.add(shm_name, "shm")
     conn.send((reg.prefix, sem_name, shm_name))
     conn.close()
@@ -239,10 +239,10 @@ def _make_objects(conn: Any) -> None:
 def test_sweep_removes_dead_pid_entries_only(registry: NameRegistry) -> None:
     # A live pid's objects (ours) that the sweep must not touch.
     live_sem = registry.name("live")
-    sem = _posix.create_semaphore(live_sem, 0)
+    sem = posixobj.create_semaphore(live_sem, 0)
     registry.add(live_sem, "sem")
     live_shm = registry.name("liveshm")
-    mm = _posix.create_shm(live_shm, 64)
+    mm = posixobj.create_shm(live_shm, 64)
     registry.add(live_shm, "shm")
 
     rx, tx = CTX.Pipe(duplex=False)
@@ -277,7 +277,7 @@ def test_sweep_removes_dead_pid_entries_only(registry: NameRegistry) -> None:
     assert _exists(live_sem, "sem")
     assert _exists(live_shm, "shm")
     assert sweep_stale() == [] or not any(prefix in e for e in sweep_stale())
-    _posix.close_semaphore(sem)
+    posixobj.close_semaphore(sem)
     mm.close()
 
 
